@@ -1,0 +1,347 @@
+"""Tests of sepreformer_book.data: the synthetic corpus, the cached loader, its quirks and errors, grain batches."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from beartype import beartype
+from jaxtyping import jaxtyped
+
+from sepreformer_book import data
+from sepreformer_book.config import Profile
+from sepreformer_book.data import (CORPUS_MARKER, STEM_NAMES, SYNTH_SUBSET, TEST_LIST_NAME, VALID_LIST_NAME,
+                                   CorpusError, JaCappellaDataset, loader, make_corpus, training_iterator)
+
+SR = 8000
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Five two-second songs at 48 kHz: one test, one valid, three train."""
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "chorales", songs=5, seconds=2.0, seed=7, workers=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def train(corpus, tmp_path_factory) -> JaCappellaDataset:
+    return JaCappellaDataset(corpus, sample_rate=SR, split="train", cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+# ---------------------------------------------------------------- the synthetic corpus
+def test_layout_and_format(corpus):
+    songs = sorted((corpus / SYNTH_SUBSET).iterdir())
+    assert len(songs) == 5
+    for song in songs:
+        assert sorted(p.name for p in song.iterdir()) == sorted([f"{p}.wav" for p in STEM_NAMES] + ["mixture.wav"])
+        info = sf.info(song / "mixture.wav")
+        assert (info.samplerate, info.channels, info.subtype, info.frames) == (48000, 1, "PCM_16", 96000)
+    manifest = json.loads((corpus / CORPUS_MARKER).read_text())
+    assert manifest["songs"] == 5 and manifest["sample_rate"] == 48000
+    assert (corpus / TEST_LIST_NAME).read_text().split() == manifest["split"]["test"]
+    assert (corpus / VALID_LIST_NAME).read_text().split() == manifest["split"]["valid"]
+
+
+def test_mixture_is_exact_sum_of_parts(corpus):
+    for song in (corpus / SYNTH_SUBSET).iterdir():
+        parts = sum(sf.read(song / f"{p}.wav", dtype="int16")[0].astype(np.int32) for p in STEM_NAMES)
+        assert np.array_equal(parts, sf.read(song / "mixture.wav", dtype="int16")[0].astype(np.int32))
+        assert np.abs(parts).max() > 1000  # not silent
+
+
+def test_split_is_disjoint_by_song_and_tune_family(corpus):
+    manifest = json.loads((corpus / CORPUS_MARKER).read_text())
+    split = manifest["split"]
+    assert [len(split[k]) for k in ("train", "valid", "test")] == [3, 1, 1]
+    names = {k: set(v) for k, v in split.items()}
+    assert names["train"] | names["valid"] | names["test"] == set(manifest["families"])
+    fams = {k: {manifest["families"][s] for s in v} for k, v in split.items()}
+    assert not (fams["train"] & fams["test"]) and not (fams["train"] & fams["valid"]) and not (fams["valid"] & fams["test"])
+    sets = {s: {p.name for p in JaCappellaDataset(corpus, SR, split=s).songs} for s in ("train", "valid", "test")}
+    assert sets == names
+
+
+def test_split_by_family_keeps_families_together():
+    songs = [{"song": f"s{i}", "family": f"f{i // 3}"} for i in range(12)]
+    split = data.split_by_family(songs)
+    family_of = {s["song"]: s["family"] for s in songs}
+    fams = {k: {family_of[s] for s in v} for k, v in split.items()}
+    assert not (fams["train"] & fams["test"]) and not (fams["train"] & fams["valid"]) and not (fams["valid"] & fams["test"])
+    assert sorted(sum(split.values(), [])) == sorted(family_of) and split["test"] and split["valid"]
+
+
+def test_corpus_is_deterministic(tmp_path, corpus):
+    again = make_corpus(tmp_path / "again", songs=5, seconds=2.0, seed=7, workers=2, progress=False)
+    first = sorted((corpus / SYNTH_SUBSET).iterdir())[0]
+    for part in ("mixture", "lead_vocal", "bass"):
+        assert (first / f"{part}.wav").read_bytes() == (again / SYNTH_SUBSET / first.name / f"{part}.wav").read_bytes()
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(2)
+    voices = data.read_chorale(data.chorale_paths()[0])
+    a = data.render_song(voices, 1.0, SR, rng_a)["alto"]
+    b = data.render_song(voices, 1.0, SR, rng_b)["alto"]
+    assert not np.array_equal(a, b)
+
+
+def test_voice_model_pitch_band_limit_and_distinct_lead():
+    render = jaxtyped(typechecker=beartype)(data.render_voice)
+    sr = 16000
+    dry = dataclasses.replace(data.VOICE_DEFAULTS["tenor"], breathiness=0.0)  # breath noise is broadband on purpose
+    note = render([(0.0, 1.0, 57)], dry, sr, sr, np.random.default_rng(0), vowels=["a"])
+    spectrum = np.abs(np.fft.rfft(note[4000:12000] * np.hanning(8000)))
+    freqs = np.fft.rfftfreq(8000, 1 / sr)
+    assert abs(freqs[np.argmax(spectrum * (freqs < 300))] - 220.0) < 4.0
+    assert spectrum[freqs > 5200].max() < 1e-3 * spectrum.max()  # harmonics stop below 5 kHz
+    voices = data.read_chorale(data.chorale_paths()[0])
+    parts = data.render_song(voices, 3.0, SR, np.random.default_rng(3))
+    lead, soprano = parts["lead_vocal"].astype(float), parts["soprano"].astype(float)
+    corr = abs(lead @ soprano) / (np.linalg.norm(lead) * np.linalg.norm(soprano) + 1e-9)
+    assert corr < 0.5
+    with_beat = data.render_song(voices, 2.0, SR, np.random.default_rng(3), vocal_percussion=True)
+    assert set(with_beat) == set(STEM_NAMES) | {"vocal_percussion"}
+
+
+def test_tune_family_ignores_key():
+    notes = [data.Note(i, i + 1, p) for i, p in enumerate([60, 62, 64, 65, 67, 69, 71, 72])]
+    shifted = [data.Note(n.start, n.end, n.pitch + 5) for n in notes]
+    assert data.tune_family(notes) == data.tune_family(shifted)
+
+
+# ---------------------------------------------------------------- atomic writes and the command line
+def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
+    def fail(*_):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(data, "split_by_family", fail)
+    with pytest.raises(RuntimeError):
+        make_corpus(tmp_path / "c", songs=1, seconds=0.5, workers=1, progress=False)
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_killed_build_is_not_mistaken_for_a_corpus(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sepreformer_book.data", "make-corpus", str(out), "--songs", "4",
+                             "--seconds", "6", "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(p.name.startswith(".killed.building") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and not data.is_complete_corpus(out)
+    with pytest.raises(CorpusError, match="does not exist"):
+        JaCappellaDataset(out)
+
+
+def test_rebuild_replaces_existing_corpus(tmp_path):
+    out = make_corpus(tmp_path / "c", songs=1, seconds=0.5, seed=1, workers=1, progress=False)
+    (out / "stale.txt").write_text("old")
+    make_corpus(out, songs=1, seconds=0.5, seed=1, workers=1, progress=False)
+    assert data.is_complete_corpus(out) and not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_cli_make_corpus(tmp_path):
+    out = tmp_path / "cli"
+    result = subprocess.run([sys.executable, "-m", "sepreformer_book.data", "make-corpus", str(out), "--songs", "1",
+                             "--seconds", "0.5", "--seed", "3", "--sample-rate", "16000", "--workers", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 1 songs" in result.stdout
+    manifest = json.loads((out / CORPUS_MARKER).read_text())
+    assert (manifest["seed"], manifest["sample_rate"], manifest["seconds"]) == (3, 16000, 0.5)
+    bad = subprocess.run([sys.executable, "-m", "sepreformer_book.data", "make-corpus", str(out), "--songs", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "songs >= 1" in bad.stderr
+
+
+def test_corpus_location_and_ensure(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.JACAPPELLA_ENV, raising=False)
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    tiny = Profile("tiny", sample_rate=SR, segment_seconds=0.25, batch_size=1, corpus_songs=1, corpus_seconds=0.5,
+                   overfit_steps=1)
+    assert data.default_corpus_root(tiny) == REPO / "data" / "chorales-tiny"  # a source checkout
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert data.default_corpus_root(tiny) == tmp_path / "chorales-tiny"
+    root = data.ensure_corpus(tiny, progress=False)
+    stamp = (root / CORPUS_MARKER).stat().st_mtime_ns
+    assert data.ensure_corpus(tiny, progress=False) == root and (root / CORPUS_MARKER).stat().st_mtime_ns == stamp
+    monkeypatch.setenv(data.JACAPPELLA_ENV, str(tmp_path / "real"))
+    assert data.default_corpus_root(tiny) == tmp_path / "real"
+    with pytest.raises(FileNotFoundError, match="JACAPPELLA_ROOT"):
+        data.ensure_corpus(tiny)
+
+
+# ---------------------------------------------------------------- the loader
+def test_items_shapes_dtypes_masks(train):
+    segment = SR // 2
+    batch = loader(train, segment, 2, seed=0)[0]
+    assert batch["mixture"].shape == (2, segment) and batch["mixture"].dtype == np.float32
+    assert batch["stems"].shape == (2, 5, segment) and batch["stems"].dtype == np.float32
+    assert batch["present"].dtype == np.bool_ and batch["present"].shape == (2, 5) and batch["present"].all()
+    assert batch["active"].dtype == np.bool_ and batch["active"].shape == (2, 5)
+    np.testing.assert_allclose(batch["mixture"], batch["stems"].sum(1), atol=1e-6)
+    power = (batch["stems"].astype(np.float64) ** 2).mean(-1)
+    assert np.array_equal(batch["active"], power > 10 ** (data.SILENCE_DB / 10))
+    whole = train.song(0)
+    assert whole["stems"].shape == (5, 2 * SR)
+
+
+def test_segment_matches_cached_song(train):
+    ref = train[np.int64(1)]  # grain passes numpy integers
+    item = data.extract_segment(ref, np.random.default_rng(0), dataset=train, segment_samples=1000)
+    whole = train.song(1)["stems"]
+    start = next(s for s in range(whole.shape[1] - 999) if np.array_equal(whole[:, s:s + 1000], item["stems"]))
+    assert 0 <= start
+
+
+def test_grain_is_deterministic_and_epochs_differ(train):
+    a = loader(train, 2000, 1, seed=3, num_epochs=2)
+    b = loader(train, 2000, 1, seed=3, num_epochs=2)
+    c = loader(train, 2000, 1, seed=4, num_epochs=2)
+    assert len(a) == 2 * len(train)
+    assert all(np.array_equal(a[i]["mixture"], b[i]["mixture"]) for i in range(len(a)))
+    assert any(not np.array_equal(a[i]["mixture"], c[i]["mixture"]) for i in range(len(a)))
+    assert not all(np.array_equal(a[i]["mixture"], a[i + len(train)]["mixture"]) for i in range(len(train)))
+
+
+def test_training_iterator_prefetches_batches(train):
+    iterator = training_iterator(train, 1000, 2, seed=0, num_threads=2, prefetch_batches=4)
+    batches = [next(iterator) for _ in range(5)]  # more than one epoch (3 songs)
+    assert all(b["stems"].shape == (2, 5, 1000) for b in batches)
+    first = loader(train, 1000, 2, seed=0, num_epochs=None)[0]
+    assert np.array_equal(batches[0]["mixture"], first["mixture"])
+    moved = data.batch_to_jax(batches[0])
+    assert moved["stems"].shape == (2, 5, 1000)
+
+
+def test_cache_is_reused_and_invalidated(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    ds = JaCappellaDataset(corpus, SR, split="test", cache_dir=cache)
+    npy = Path(ds.refs[0].cache_file)
+    stamp = npy.stat().st_mtime_ns
+    JaCappellaDataset(corpus, SR, split="test", cache_dir=cache)
+    assert npy.stat().st_mtime_ns == stamp  # manifest hit: not decoded again
+    other_rate = JaCappellaDataset(corpus, 16000, split="test", cache_dir=cache)
+    assert other_rate.refs[0].length == 2 * 16000 and npy.exists()
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert len(manifest) == 2 and all(e["sources"] for e in manifest.values())
+
+
+def test_default_cache_dir_for_read_only_corpus(tmp_path, monkeypatch):
+    root = tmp_path / "ro"
+    root.mkdir()
+    assert data.default_cache_dir(root) == root / ".cache"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(data.os, "access", lambda *_: False)
+    cache = data.default_cache_dir(root)
+    assert cache.is_relative_to(tmp_path / "home" / ".cache" / "sepreformer_book") and root.name in cache.name
+
+
+# ---------------------------------------------------------------- quirks of real corpora
+def _song(root: Path, name: str, parts: dict[str, tuple[np.ndarray, int]]) -> Path:
+    song = root / "subset" / name
+    song.mkdir(parents=True, exist_ok=True)
+    for part, (audio, rate) in parts.items():
+        sf.write(song / f"{part}.wav", audio, rate, subtype="FLOAT" if audio.dtype == np.float32 else "PCM_16")
+    return song
+
+
+def _tone(seconds: float, rate: int, hz: float = 220.0, amp: float = 0.3) -> np.ndarray:
+    return (amp * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+@pytest.fixture
+def quirky(tmp_path) -> Path:
+    root = tmp_path / "quirky"
+    full = {p: (_tone(1.0, SR, 110 * (i + 1)), SR) for i, p in enumerate(STEM_NAMES)}
+    stereo = np.stack([_tone(1.0, SR), np.zeros(SR, np.float32)], axis=1)
+    _song(root, "stereo", {**full, "soprano": (stereo, SR)})
+    _song(root, "rate44k", {**full, "alto": (_tone(1.0, 44100), 44100)})
+    _song(root, "missing_alto", {p: v for p, v in full.items() if p != "alto"})
+    _song(root, "unequal", {**full, "bass": (_tone(0.5, SR), SR)})
+    _song(root, "short", {p: (_tone(0.25, SR), SR) for p in STEM_NAMES})
+    (root / "README.txt").write_text("stray file")
+    (root / ".hidden").mkdir()
+    (root / TEST_LIST_NAME).write_text("short\n")
+    return root
+
+
+def _by_name(ds: JaCappellaDataset) -> dict[str, int]:
+    return {ref.name.split("/")[-1]: ref.index for ref in ds.refs}
+
+
+def test_quirks(quirky, tmp_path):
+    with pytest.warns(UserWarning, match="subset/unequal"):
+        ds = JaCappellaDataset(quirky, SR, split="all", cache_dir=tmp_path / "c")
+    idx = _by_name(ds)
+    assert set(idx) == {"stereo", "rate44k", "missing_alto", "unequal", "short"}
+    stereo = ds.song(idx["stereo"])["stems"][STEM_NAMES.index("soprano")]
+    np.testing.assert_allclose(stereo, _tone(1.0, SR) / 2, atol=1e-6)  # mean of the channels, not channel 0
+    resampled = ds.song(idx["rate44k"])["stems"][STEM_NAMES.index("alto")]
+    assert resampled.shape == (SR,)
+    spectrum = np.abs(np.fft.rfft(resampled))
+    assert abs(np.argmax(spectrum) * SR / resampled.size - 220.0) < 2.0
+    missing = ds.song(idx["missing_alto"])
+    a = STEM_NAMES.index("alto")
+    assert not missing["present"][a] and not missing["active"][a] and not missing["stems"][a].any()
+    assert missing["present"].sum() == 4
+    unequal = ds.song(idx["unequal"])
+    assert unequal["stems"].shape == (5, SR) and not unequal["stems"][4, SR // 2 + 10:].any()
+    short = ds[idx["short"]]
+    item = data.extract_segment(short, np.random.default_rng(0), dataset=ds, segment_samples=SR)
+    assert item["stems"].shape == (5, SR) and not item["stems"][:, SR // 4:].any() and item["active"].all()
+    tail = data.read_segment(ds, short, SR // 2, SR // 4)
+    assert not tail["active"].any() and tail["present"].all()
+    test = JaCappellaDataset(quirky, SR, split="test", cache_dir=tmp_path / "c")
+    assert [s.name for s in test.songs] == ["short"]
+    valid = JaCappellaDataset(quirky, SR, split="valid", cache_dir=tmp_path / "c")
+    train = JaCappellaDataset(quirky, SR, split="train", cache_dir=tmp_path / "c")
+    assert len(valid) == 1 and len(train) == 3  # every fifth non-test song is valid when no valid list exists
+
+
+@pytest.mark.filterwarnings("ignore:Song subset/unequal")
+def test_subset_of_stems_and_vocal_percussion(quirky, tmp_path):
+    ds = JaCappellaDataset(quirky, SR, stems=("bass", "vocal_percussion"), split="all", cache_dir=tmp_path / "c")
+    item = ds.song(0)
+    assert item["stems"].shape[0] == 2 and item["present"].tolist() == [True, False]
+    np.testing.assert_allclose(item["mixture"], item["stems"][0])
+
+
+def _expect(root: Path, match: str, **kwargs):
+    with pytest.raises(ValueError, match=match) as info:
+        JaCappellaDataset(root, SR, split="all", **kwargs)
+    return str(info.value)
+
+
+def test_bad_inputs(tmp_path):
+    message = _expect(tmp_path / "absent", "does not exist")
+    assert "make-corpus" in message and "JACAPPELLA_ROOT" in message
+    (tmp_path / "empty").mkdir()
+    _expect(tmp_path / "empty", "No songs found")
+    (tmp_path / "stray" / "subset" / "song").mkdir(parents=True)
+    (tmp_path / "stray" / "subset" / "song" / "notes.txt").write_text("x")
+    _expect(tmp_path / "stray", "No songs found")
+    zero = _song(tmp_path / "zero", "song", {"bass": (_tone(0.1, SR), SR)})
+    (zero / "alto.wav").write_bytes(b"")
+    assert "alto.wav" in _expect(tmp_path / "zero", "empty \\(0 bytes\\)")
+    corrupt = _song(tmp_path / "corrupt", "song", {"bass": (_tone(0.1, SR), SR)})
+    (corrupt / "tenor.wav").write_text("this is not audio")
+    assert "tenor.wav" in _expect(tmp_path / "corrupt", "not a readable WAV")
+    bad = _tone(0.1, SR)
+    bad[5] = np.nan
+    _song(tmp_path / "nan", "song", {"bass": (bad, SR)})
+    assert "bass.wav" in _expect(tmp_path / "nan", "NaN or Inf")
+    bad[5] = np.inf
+    _song(tmp_path / "inf", "song", {"bass": (bad, SR)})
+    _expect(tmp_path / "inf", "NaN or Inf")
+    _expect(tmp_path / "nan", "Unknown stem name.*baritone.*lead_vocal", stems=("bass", "baritone"))
+    with pytest.raises(ValueError, match="split must be"):
+        JaCappellaDataset(tmp_path / "nan", SR, split="dev")
