@@ -1,0 +1,189 @@
+"""Tests of the model modules: conv, snake, dual_path and model (chapters 02-05). Small sizes; CPU; fast."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from beartype import beartype
+from jaxtyping import Array, Float, TypeCheckError, jaxtyped
+
+from sepreformer_book.conv import Decoder, Encoder, frame_count, padded_length
+from sepreformer_book.dual_path import DualPathBlock, TransformerBlock, chunk_validity, dual_path_reference, feedforward
+from sepreformer_book.model import (PRESETS, ModelConfig, SepReformer, SplitLayer, forward_flops, model_config_for,
+                                    parameter_count)
+from sepreformer_book.snake import Snake, snake
+
+CI = PRESETS["ci"]
+
+
+@pytest.fixture(scope="module")
+def ci_model():
+    return SepReformer(CI, key=jax.random.key(0))
+
+
+# ---- conv ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_samples", [16, 17, 23, 24, 101, 1000])
+def test_frame_count_matches_encoder(num_samples):
+    encoder = Encoder(4, 16, 8, key=jax.random.key(0))
+    assert encoder(jnp.zeros(num_samples)).shape == (frame_count(num_samples, 16, 8), 4)
+
+
+@pytest.mark.parametrize("num_samples", [1, 15, 16, 17, 24, 25, 1001])
+def test_padded_length_tiles_and_decoder_returns_it(num_samples):
+    padded = padded_length(num_samples, 16, 8)
+    assert padded >= max(num_samples, 16) and (padded - 16) % 8 == 0 and padded - 8 < max(num_samples, 16)
+    frames = frame_count(padded, 16, 8)
+    assert Decoder(4, 16, 8, key=jax.random.key(0))(jnp.zeros((frames, 4))).shape == (padded,)
+
+
+def test_frame_count_rejects_short_input():
+    with pytest.raises(ValueError, match="kernel_size"):
+        frame_count(3, 16, 8)
+
+
+def test_encoder_decoder_accept_numpy_ints():
+    assert Encoder(4, np.int64(16), np.int64(8), key=jax.random.key(0)).stride == 8
+
+
+# ---- snake ---------------------------------------------------------------------------------------------------------
+def test_snake_matches_definition_and_is_safe_at_zero_alpha():
+    x = jnp.linspace(-3, 3, 61)
+    for alpha in [0.3, 1.0, 5.0, -2.0]:
+        np.testing.assert_allclose(snake(x, jnp.float32(alpha)), x + jnp.sin(alpha * x) ** 2 / alpha, atol=1e-5)
+    for alpha in [0.0, -1e-6, 1e-30]:
+        value, grad = jax.value_and_grad(lambda a: jnp.sum(snake(x, a)))(jnp.float32(alpha))
+        assert np.isfinite(value) and np.isfinite(grad)
+        np.testing.assert_allclose(grad, jnp.sum(x**2), rtol=1e-4)  # d/da sin^2(ax)/a -> x^2 as a -> 0
+
+
+def test_snake_per_channel_alpha_dtype():
+    act = Snake(3)
+    assert act.alpha.shape == (3,) and act.alpha.dtype == jnp.float32 and not act.alpha.aval.weak_type
+    act = eqx.tree_at(lambda m: m.alpha, act, jnp.array([0.5, 1.0, 0.0], jnp.float32))
+    np.testing.assert_allclose(act(jnp.ones((2, 3)))[0], [1 + np.sin(0.5) ** 2 / 0.5, 1 + np.sin(1.0) ** 2, 1.0],
+                               rtol=1e-6)
+
+
+# ---- dual path -----------------------------------------------------------------------------------------------------
+def _loud(block):
+    ones = jnp.ones_like(block.intra_block.scale1)
+    return eqx.tree_at(lambda b: [b.intra_block.scale1, b.intra_block.scale2, b.inter_block.scale1,
+                                  b.inter_block.scale2], block, [ones] * 4)
+
+
+@pytest.mark.parametrize("num_frames", [5, 8, 9, 27])
+def test_dual_path_equals_loop_reference(num_frames):
+    block = _loud(DualPathBlock(16, 2, 32, chunk_size=8, key=jax.random.key(1)))
+    x = jax.random.normal(jax.random.key(num_frames), (num_frames, 16))
+    np.testing.assert_allclose(eqx.filter_jit(lambda b, v: b(v))(block, x), dual_path_reference(block, x), atol=1e-4)
+
+
+def test_padding_values_do_not_reach_real_frames():
+    block = _loud(DualPathBlock(16, 2, 32, chunk_size=8, key=jax.random.key(2)))
+    x = jax.random.normal(jax.random.key(0), (11, 16))
+    valid = chunk_validity(11, 8)
+    garbage = jnp.pad(x, ((0, 5), (0, 0)), constant_values=7.0).reshape(2, 8, 16)
+    masked = jax.vmap(block.intra_block)(garbage, jnp.asarray(valid))
+    clean = jax.vmap(block.intra_block)(jnp.pad(x, ((0, 5), (0, 0))).reshape(2, 8, 16), jnp.asarray(valid))
+    np.testing.assert_allclose(masked.reshape(16, 16)[:11], clean.reshape(16, 16)[:11], atol=1e-5)
+
+
+def test_transformer_block_layer_scale_is_strongly_typed_float32():
+    block = TransformerBlock(16, 2, 32, key=jax.random.key(0))
+    for scale in (block.scale1, block.scale2):
+        assert scale.dtype == jnp.float32 and not scale.aval.weak_type
+    assert isinstance(feedforward(16, 32, key=jax.random.key(0)).layers[1], Snake)
+
+
+def test_transformer_block_rejects_bad_heads():
+    with pytest.raises(ValueError, match="num_heads"):
+        TransformerBlock(18, 4, 32, key=jax.random.key(0))
+
+
+# ---- model ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_samples", [1, 15, 17, 100, 263, 1001])
+def test_output_length_equals_input_length(ci_model, num_samples):
+    out = eqx.filter_jit(lambda m, v: m(v))(ci_model, jnp.ones(num_samples))
+    assert out.shape == (CI.num_stems, num_samples) and bool(jnp.isfinite(out).all())
+
+
+def test_shapes_are_type_checked(ci_model):
+    @jaxtyped(typechecker=beartype)
+    def separate(model: SepReformer, x: Float[Array, " T"]) -> Float[Array, "5 T"]:
+        return model(x)
+
+    assert eqx.filter_jit(separate)(ci_model, jnp.zeros(40)).shape == (5, 40)
+    with pytest.raises(TypeCheckError):
+        ci_model(jnp.zeros((2, 40)))  # batched input: vmap outside instead
+    with pytest.raises(TypeCheckError):
+        ci_model.split(jnp.zeros(16))
+    with pytest.raises(TypeCheckError):
+        ci_model.sep_blocks[0](jnp.zeros((3, 4, 16)))
+
+
+def test_split_layer_static_num_stems():
+    split = SplitLayer(8, 3, key=jax.random.key(0))
+    assert split(jnp.ones((7, 8))).shape == (3, 7, 8)
+    assert 3 not in [x for x in jax.tree_util.tree_leaves(split) if not hasattr(x, "shape")]  # static, not a leaf
+
+
+def test_gradients_finite(ci_model):
+    x = jax.random.normal(jax.random.key(0), (2, 203))
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: jnp.mean(jax.vmap(m)(x) ** 2)))(ci_model)
+    leaves = jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_array))
+    assert leaves and all(bool(jnp.isfinite(g).all()) for g in leaves)
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+def test_serialise_round_trip(ci_model, tmp_path):
+    path = tmp_path / "model.eqx"
+    eqx.tree_serialise_leaves(path, ci_model)
+    restored = eqx.tree_deserialise_leaves(path, SepReformer(CI, key=jax.random.key(99)))
+    x = jnp.linspace(-1, 1, 77)
+    forward = eqx.filter_jit(lambda m, v: m(v))
+    np.testing.assert_array_equal(forward(ci_model, x), forward(restored, x))
+
+
+def test_one_compile_across_updates(ci_model):
+    traces = []
+    optimizer = optax.adamw(1e-3)
+    opt_state = optimizer.init(eqx.filter(ci_model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state, mixture):
+        traces.append(1)  # runs only while tracing
+        loss, grads = eqx.filter_value_and_grad(lambda m: jnp.mean(jax.vmap(m)(mixture) ** 2))(model)
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    model, mixture = ci_model, jax.random.normal(jax.random.key(1), (2, 200))
+    for _ in range(4):
+        model, opt_state, loss = step(model, opt_state, mixture)
+    assert len(traces) == 1 and np.isfinite(float(loss))
+
+
+def test_full_preset_has_seed_parameter_count():
+    skeleton = eqx.filter_eval_shape(SepReformer, PRESETS["full"], key=jax.random.key(0))
+    assert 6.7e6 < parameter_count(skeleton) < 6.9e6
+
+
+def test_book_preset_size_and_profiles():
+    model = eqx.filter_eval_shape(SepReformer, PRESETS["book"], key=jax.random.key(0))
+    assert 0.40e6 < parameter_count(model) < 0.46e6
+    for name in ("ci", "book", "full"):
+        assert model_config_for(name) is PRESETS[name]
+
+
+def test_forward_flops_positive_and_grow_with_length():
+    assert 0 < forward_flops(CI, 400) < forward_flops(CI, 800)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="num_heads"):
+        ModelConfig(dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ModelConfig(chunk_size=0)
+    with pytest.raises(TypeError, match="ModelConfig"):
+        SepReformer("book", key=jax.random.key(0))
