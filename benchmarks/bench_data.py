@@ -5,14 +5,17 @@ Run: python benchmarks/bench_data.py [--profile book] [--items-seed 20] [--step-
 """
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import librosa
 import numpy as np
 import soundfile as sf
 
 from sepreformer_book.config import active_profile
-from sepreformer_book.data import STEM_NAMES, JaCappellaDataset, ensure_corpus, extract_segment, training_iterator
+from sepreformer_book.data import (STEM_NAMES, JaCappellaDataset, ensure_corpus, extract_segment, make_corpus,
+                                   training_iterator)
 
 
 def seed_item(song_dir, sample_rate: int, segment_samples: int, rng: np.random.Generator):
@@ -36,6 +39,8 @@ def main() -> None:
     parser.add_argument("--items-cached", type=int, default=5000)
     parser.add_argument("--step-seconds", type=float, default=0.4, help="simulated training step")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--long-song-seconds", type=float, default=60.0,
+                        help="also compare on a few songs this long (jaCappella's songs last about a minute); 0 skips")
     args = parser.parse_args()
 
     profile = active_profile(args.profile)
@@ -44,6 +49,14 @@ def main() -> None:
                                         (44100, 2.0, "the seed's sizes")):
         dataset = JaCappellaDataset(root, sample_rate=sample_rate, split="train")
         compare(dataset, int(seconds * sample_rate), args, label)
+    if args.long_song_seconds > 0:
+        with tempfile.TemporaryDirectory() as scratch:
+            long_root = make_corpus(Path(scratch) / "long", songs=8, seconds=args.long_song_seconds, seed=1,
+                                    progress=False)
+            dataset = JaCappellaDataset(long_root, sample_rate=profile.sample_rate, split="all",
+                                        cache_dir=Path(scratch) / "cache")
+            compare(dataset, int(profile.segment_seconds * profile.sample_rate), args,
+                    f"jaCappella-length songs, profile {profile.name}")
     dataset = JaCappellaDataset(root, sample_rate=profile.sample_rate, split="train")
     measure_wait(dataset, int(profile.segment_seconds * profile.sample_rate), profile.batch_size, args)
 
@@ -71,7 +84,6 @@ def compare(dataset: JaCappellaDataset, segment: int, args, label: str) -> None:
     print(f"{'seed: decode + resample whole song per item':44s} {seed_per_item * 1e3:10.2f} {1 / seed_per_item:10.1f}")
     print(f"{'cached .npy, memmap segment read':44s} {cached_per_item * 1e3:10.3f} {1 / cached_per_item:10.0f}")
     print(f"{'ratio (cached / seed items per second)':44s} {seed_per_item / cached_per_item:10.0f}x")
-
 
 
 def measure_wait(dataset: JaCappellaDataset, segment: int, batch_size: int, args) -> None:
