@@ -10,7 +10,8 @@ from beartype import beartype
 from jaxtyping import Array, Float, TypeCheckError, jaxtyped
 
 from sepreformer_book.conv import Decoder, Encoder, frame_count, padded_length
-from sepreformer_book.dual_path import DualPathBlock, TransformerBlock, chunk_validity, dual_path_reference, feedforward
+from sepreformer_book.dual_path import (DualPathBlock, TransformerBlock, apply_rowwise, chunk_validity,
+                                        dual_path_reference, feedforward)
 from sepreformer_book.model import (PRESETS, ModelConfig, SepReformer, SplitLayer, forward_flops, model_config_for,
                                     parameter_count)
 from sepreformer_book.snake import Snake, snake
@@ -187,3 +188,13 @@ def test_config_validation_messages():
         ModelConfig(chunk_size=0)
     with pytest.raises(TypeError, match="ModelConfig"):
         SepReformer("book", key=jax.random.key(0))
+
+
+def test_apply_rowwise_equals_vmap_in_value_and_gradient():
+    ff = feedforward(16, 32, key=jax.random.key(0))
+    frames = jax.random.normal(jax.random.key(1), (37, 16))
+    np.testing.assert_allclose(apply_rowwise(ff, frames), jax.vmap(ff)(frames), atol=1e-6)
+    loss = lambda apply: eqx.filter_grad(lambda layer, x: jnp.sum(apply(layer, x) ** 2))(ff, frames)
+    rowwise, vmapped = loss(apply_rowwise), loss(lambda layer, x: jax.vmap(layer)(x))
+    for a, b in zip(jax.tree_util.tree_leaves(rowwise), jax.tree_util.tree_leaves(vmapped)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
