@@ -57,6 +57,8 @@ def execute(path: Path, profile: str) -> None:
     except CellExecutionError as error:
         print(f"\nChapter {path.name} failed; the error of the failing cell:\n{error}", file=sys.stderr)
         raise SystemExit(1)
+    for cell in notebook.cells:  # per-cell timestamps would make every re-run a diff
+        cell.metadata.pop("execution", None)
     nbformat.write(notebook, path)
 
 
