@@ -5,12 +5,12 @@ __all__ = ['TRACE_COUNTS', 'decay_mask', 'OptimizerConfig', 'learning_rate_sched
            'stem_si_sdr', 'step', 'separate_batch', 'log_audio_samples', 'log_scalars', 'History', 'mean_over_active',
            'train_loop', 'overfit', 'event_tags']
 
-# %% ../chapters/07_overfitting.ipynb #0eb70438
+# %% ../chapters/07_overfitting.ipynb #d98940cf
 """Optimizer, jitted training step, logging and the training loop (generated from chapters/07_overfitting.ipynb)."""
 import functools
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import equinox as eqx
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Bool, Float, PyTree
+from jaxtyping import Array, Float, PyTree
 from tqdm import tqdm
 
 from .config import peak_scale
@@ -127,7 +127,7 @@ def log_scalars(writer, metrics: dict, global_step: int, learning_rate: float, s
         if np.isfinite(value):
             writer.add_scalar(f"si_sdr/{name}", float(value), global_step)
 
-# %% ../chapters/07_overfitting.ipynb #211a968f
+# %% ../chapters/07_overfitting.ipynb #23b37ee9
 @dataclass
 class History:
     """Per-step metrics of a run, as NumPy-friendly lists."""
@@ -181,8 +181,8 @@ def train_loop(model: eqx.Module, batches: Iterable[dict], num_steps: int, *,
         if stop_at_si_sdr is not None and len(recent) == patience and min(recent) >= stop_at_si_sdr:
             break
     progress.close()
-    if writer is not None:
-        log_scalars(writer, values, index, history.learning_rate[-1], stem_names)
+    if writer is not None and history.step:  # the last step's scalars, if the loop ended between log points
+        log_scalars(writer, values, history.step[-1], history.learning_rate[-1], stem_names)
         writer.flush()
     return model, opt_state, history
 

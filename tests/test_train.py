@@ -106,3 +106,23 @@ def test_stop_at_target_and_tensorboard_tags(tiny_model, tmp_path):
     tags = event_tags(str(tmp_path))
     assert {"loss", "grad_norm", "learning_rate", "si_sdr/a"} <= tags["scalars"]
     assert {"mixture", "true/a", "estimate/e"} <= tags["audio"]
+
+
+def test_metric_shapes_are_type_checked():
+    from beartype import beartype
+    from jaxtyping import TypeCheckError, jaxtyped
+
+    batch = harmonic_batch()
+    checked = jaxtyped(typechecker=beartype)(train.stem_si_sdr)
+    estimates = jnp.asarray(batch["stems"])
+    per_stem = checked(estimates, batch)
+    assert per_stem.shape == (len(STEMS),) and np.isfinite(np.asarray(per_stem)).all()
+    with pytest.raises(TypeCheckError):
+        checked(estimates[0], batch)
+
+
+def test_zero_steps_returns_empty_history(tiny_model, tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    _, _, history = train_loop(tiny_model, iter(()), 3, writer=writer, stem_names=STEMS, sample_rate=SAMPLE_RATE)
+    writer.close()
+    assert history.step == [] and history.loss == []
