@@ -24,6 +24,11 @@ def notebook_problems(path: Path) -> list[str]:
     except nbformat.ValidationError as error:
         return [f"{path.name}: not a valid nbformat notebook ({error.message})"]
     problems = []
+    first = notebook.cells[0] if notebook.cells else None
+    front = first.source.strip() if first is not None and first.cell_type == "raw" else ""
+    if not (front.startswith("---") and front.endswith("---")
+            and "title" in (yaml.safe_load(front.strip("-")) or {})):
+        problems.append(f"{path.name}: the first cell must be a raw cell of YAML front matter with a title (Quarto)")
     if (notebook.nbformat, notebook.nbformat_minor) < (4, 5):
         problems.append(f"{path.name}: nbformat {notebook.nbformat}.{notebook.nbformat_minor} has no cell ids; need 4.5")
     for index, cell in enumerate(notebook.cells):
@@ -86,6 +91,16 @@ def _write(tmp_path, cells):
     path = tmp_path / "99_probe.ipynb"
     nbformat.write(notebook, path)
     return path
+
+
+def test_hygiene_wants_front_matter_with_a_title(tmp_path):
+    titled = nbformat.v4.new_raw_cell('---\ntitle: "Probe"\n---')
+    code = nbformat.v4.new_code_cell("x = 1", execution_count=1)
+    assert not any("front matter" in p for p in notebook_problems(_write(tmp_path, [titled, code])))
+    as_markdown = nbformat.v4.new_markdown_cell('---\ntitle: "Probe"\n---')
+    assert any("front matter" in p for p in notebook_problems(_write(tmp_path, [as_markdown, code])))
+    untitled = nbformat.v4.new_raw_cell("---\nauthor: someone\n---")
+    assert any("front matter" in p for p in notebook_problems(_write(tmp_path, [untitled, code])))
 
 
 def test_hygiene_catches_bare_directive(tmp_path):
