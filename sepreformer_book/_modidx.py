@@ -110,6 +110,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'sepreformer_book.losses._stft_power': ('losses.html#_stft_power', 'sepreformer_book/losses.py'),
                                          'sepreformer_book.losses._stft_power_compiled': ( 'losses.html#_stft_power_compiled',
                                                                                            'sepreformer_book/losses.py'),
+                                         'sepreformer_book.losses.batch_composite_loss': ( 'losses.html#batch_composite_loss',
+                                                                                           'sepreformer_book/losses.py'),
                                          'sepreformer_book.losses.composite_loss': ( 'losses.html#composite_loss',
                                                                                      'sepreformer_book/losses.py'),
                                          'sepreformer_book.losses.loss_fn': ('losses.html#loss_fn', 'sepreformer_book/losses.py'),

@@ -2,7 +2,8 @@
 
 # %% auto #0
 __all__ = ['EPS', 'IntLike', 'STFT_RESOLUTIONS', 'SI_SDR_CAP_DB', 'si_sdr', 'si_sdri', 'periodic_hann', 'stft_mag',
-           'stft_loss_single', 'mr_stft_loss', 'seed_composite_loss', 'silence_penalty', 'composite_loss', 'loss_fn']
+           'stft_loss_single', 'mr_stft_loss', 'seed_composite_loss', 'silence_penalty', 'composite_loss',
+           'batch_composite_loss', 'loss_fn']
 
 # %% ../chapters/06_losses.ipynb #88e689f9
 """Training losses: SI-SDR, multi-resolution STFT loss and a silence-robust composite loss (generated from chapters/06_losses.ipynb)."""
@@ -247,6 +248,18 @@ def composite_loss(
         return jnp.sum(per_stem) / jnp.maximum(jnp.sum(present), 1)
 
 # %% ../chapters/06_losses.ipynb #36a58b19
+@jaxtyped(typechecker=beartype)
+def batch_composite_loss(
+    estimates: Float[Array, "B N T"],
+    targets: Float[Array, "B N T"],
+    active: Bool[Array, "B N"],
+    present: Bool[Array, "B N"] | None = None,
+) -> Float[Array, ""]:
+    """Mean of `composite_loss` over a batch of estimates (present defaults to all stems)."""
+    present = jnp.ones_like(active) if present is None else present
+    return jnp.mean(jax.vmap(composite_loss)(estimates, targets, active, present))
+
+
 @eqx.filter_value_and_grad
 @jaxtyped(typechecker=beartype)
 def loss_fn(
@@ -258,6 +271,4 @@ def loss_fn(
 ) -> Float[Array, ""]:
     """Batch mean of `composite_loss` for `model` (unbatched: (T,) -> (N, T)); returns (loss, gradient wrt model)."""
     with jax.named_scope("loss_fn"):
-        estimates = jax.vmap(model)(mixture)
-        present = jnp.ones_like(active) if present is None else present
-        return jnp.mean(jax.vmap(composite_loss)(estimates, targets, active, present))
+        return batch_composite_loss(jax.vmap(model)(mixture), targets, active, present)

@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, PyTree
 from tqdm import tqdm
 
 from .config import peak_scale
-from .losses import composite_loss, si_sdr
+from .losses import batch_composite_loss, si_sdr
 
 # %% ../chapters/07_overfitting.ipynb #0e1b7d7c
 def decay_mask(params: PyTree) -> PyTree:
@@ -78,8 +78,7 @@ TRACE_COUNTS: dict[str, int] = {"step": 0}
 def batch_loss(model: eqx.Module, batch: dict) -> tuple[Float[Array, ""], Float[Array, "B N T"]]:
     """Mean composite loss over the batch, and the estimates (for metrics)."""
     estimates = jax.vmap(model)(batch["mixture"])
-    losses = jax.vmap(composite_loss)(estimates, batch["stems"], batch["active"], batch["present"])
-    return jnp.mean(losses), estimates
+    return batch_composite_loss(estimates, batch["stems"], batch["active"], batch["present"]), estimates
 
 
 def stem_si_sdr(estimates: Float[Array, "B N T"], batch: dict) -> Float[Array, "N"]:
