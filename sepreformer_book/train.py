@@ -10,7 +10,7 @@ __all__ = ['TRACE_COUNTS', 'decay_mask', 'OptimizerConfig', 'learning_rate_sched
 import functools
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import equinox as eqx
@@ -150,9 +150,14 @@ def train_loop(model: eqx.Module, batches: Iterable[dict], num_steps: int, *,
                optimizer_config: OptimizerConfig = OptimizerConfig(), opt_state: PyTree | None = None,
                first_step: int = 0, writer=None, stem_names: tuple[str, ...] = (), sample_rate: int = 0,
                log_every: int = 10, audio_every: int | None = None, stop_at_si_sdr: float | None = None,
-               patience: int = 10, description: str = "training") -> tuple[eqx.Module, PyTree, History]:
+               patience: int = 10, description: str = "training",
+               callback: Callable[[int, eqx.Module, PyTree, History], bool | None] | None = None,
+               ) -> tuple[eqx.Module, PyTree, History]:
     """Train for `num_steps` steps, or until the mean active SI-SDR has been at least `stop_at_si_sdr` dB for
-    `patience` steps in a row (one lucky step is not enough: the next update can undo it)."""
+    `patience` steps in a row (one lucky step is not enough: the next update can undo it).
+
+    `callback(index, model, opt_state, history)` runs after every step (validation, checkpoints: chapter 08);
+    returning True stops the loop."""
     optimizer = make_optimizer(optimizer_config)
     schedule = learning_rate_schedule(optimizer_config)
     if opt_state is None:
@@ -176,6 +181,8 @@ def train_loop(model: eqx.Module, batches: Iterable[dict], num_steps: int, *,
         progress.set_postfix(loss=f"{history.loss[-1]:.2f}", si_sdr=f"{history.mean_si_sdr[-1]:.1f} dB", refresh=False)
         if writer is not None and index % log_every == 0:
             log_scalars(writer, values, index, history.learning_rate[-1], stem_names)
+        if callback is not None and callback(index, model, opt_state, history):
+            break
         recent = history.mean_si_sdr[-patience:]
         if stop_at_si_sdr is not None and len(recent) == patience and min(recent) >= stop_at_si_sdr:
             break
@@ -209,3 +216,12 @@ def event_tags(logdir: str) -> dict[str, set[str]]:
             for value in event.summary.value:
                 tags["audio" if value.HasField("audio") else "scalars"].add(value.tag)
     return tags
+
+# %% ../chapters/07_overfitting.ipynb #c07-cmd-code
+if __name__ == "__main__":
+    import sys
+
+    if "ipykernel" not in sys.modules:  # not when a notebook runs this cell
+        from sepreformer_book.training import main  # built in chapter 8
+
+        sys.exit(main())
