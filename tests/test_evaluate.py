@@ -1,0 +1,272 @@
+"""Whole-song inference (windows, cross-fade, compiles), per-part scores and the evaluate command."""
+import csv
+from dataclasses import asdict
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+from beartype import beartype
+from jaxtyping import TypeCheckError, jaxtyped
+
+from sepreformer_book import evaluate
+from sepreformer_book.data import STEM_NAMES, TEST_LIST_NAME, CorpusError, JaCappellaDataset
+from sepreformer_book.evaluate import (METRICS, crossfade_weights, evaluate_model, frame_grid, markdown_table,
+                                       mean_over_parts, oracle_irm, oracle_stft_sizes, score_parts, separate_long,
+                                       summarise, window_sizes, window_starts, write_scores_csv)
+from sepreformer_book.losses import si_sdr
+from sepreformer_book.model import PRESETS, SepReformer
+from sepreformer_book.train import separate_batch
+
+RATE = 8000
+
+
+TRACES: list[tuple[int, ...]] = []
+
+
+class Local(eqx.Module):
+    """A model whose output at each sample depends on that sample alone: stems x and -2x. Records its traces."""
+
+    scale: float = eqx.field(static=True, default=-2.0)  # distinct values: distinct jit cache entries
+
+    def __call__(self, x):
+        TRACES.append(x.shape)
+        return jnp.stack([x, self.scale * x])
+
+
+@pytest.fixture(scope="module")
+def ci_model():
+    return SepReformer(PRESETS["ci"], key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("window, overlap", [(16, 0), (16, 1), (16, 8), (1000, 250), (7, 3)])
+def test_crossfade_weights_are_positive_and_complementary(window, overlap):
+    weights = jaxtyped(typechecker=beartype)(crossfade_weights)(window, overlap)
+    assert weights.shape == (window,) and np.all(weights > 0) and np.all(weights <= 1)
+    if overlap:  # fade-out of one window + fade-in of the next = 1 sample by sample
+        np.testing.assert_allclose(weights[window - overlap:] + weights[:overlap], 1.0, atol=1e-12)
+    assert np.all(weights[overlap:window - overlap] == 1.0)
+
+
+def test_crossfade_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="overlap_samples"):
+        crossfade_weights(10, 6)
+    with pytest.raises(ValueError, match="window_samples"):
+        crossfade_weights(0, 0)
+    with pytest.raises(TypeError, match="window_samples"):
+        crossfade_weights(10.5, 2)
+
+
+@pytest.mark.parametrize("num_samples", [1, 999, 1000, 1001, 3301, 10_007])
+def test_window_starts_cover_the_song_with_the_fewest_windows(num_samples):
+    starts = window_starts(num_samples, np.int64(1000), 250)  # numpy ints are accepted
+    assert starts[0] == 0 and np.all(np.diff(starts) == 750)
+    assert starts[-1] + 1000 >= num_samples
+    assert len(starts) == 1 or starts[-2] + 1000 < num_samples
+
+
+@pytest.mark.parametrize("num_samples", [1, 333, 1000, 1001, 2999, 12_345])
+def test_local_model_is_reconstructed_exactly(num_samples):
+    song = np.random.default_rng(num_samples).standard_normal(num_samples).astype(np.float32)
+    out = separate_long(Local(), song, window_samples=1000, overlap_samples=250, batch_windows=3)
+    assert out.shape == (2, num_samples) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], song, atol=1e-6)
+    np.testing.assert_allclose(out[1], -2 * song, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.3, -1.0, 1e-3])
+def test_constants_are_reconstructed_bit_exactly(value):
+    constant = np.full(4321, value, dtype=np.float32)
+    out = separate_long(Local(), constant, window_samples=512, overlap_samples=200, batch_windows=2)
+    assert np.all(out[0] == constant)
+
+
+def test_without_overlap_it_is_plain_concatenation():
+    song = np.arange(2500, dtype=np.float32)
+    out = separate_long(Local(), jnp.asarray(song), window_samples=1000, overlap_samples=0, batch_windows=1)
+    assert np.all(out[0] == song)
+
+
+def test_one_compile_whatever_the_song_length():
+    TRACES.clear()
+    model = Local(scale=-3.0)  # a stand-in no other test has compiled
+    for num_samples in (500, 4000, 12_001):
+        out = separate_long(model, np.ones(num_samples, np.float32), window_samples=1000, overlap_samples=100,
+                            batch_windows=4)
+        assert out.shape == (2, num_samples)
+    assert TRACES == [(1000,)]
+
+
+def test_separate_long_type_checks_its_arguments():
+    with pytest.raises(TypeCheckError):
+        separate_long(Local(), np.ones((2, 100), np.float32), window_samples=50, overlap_samples=10)
+    with pytest.raises(ValueError, match="NaN"):
+        separate_long(Local(), np.array([0.0, np.nan, 1.0], np.float32), window_samples=50, overlap_samples=10)
+    with pytest.raises(ValueError, match="batch_windows"):
+        separate_long(Local(), np.ones(100, np.float32), window_samples=50, overlap_samples=10, batch_windows=0)
+
+
+def test_chunked_is_close_to_unchunked_for_the_ci_model(ci_model):
+    clip = (0.1 * np.random.default_rng(0).standard_normal(int(1.5 * RATE))).astype(np.float32)
+    whole = np.asarray(separate_batch(ci_model, clip[None]))[0]  # jitted, unchunked
+    window, overlap = window_sizes(0.5, 0.0625, RATE, frame_grid(ci_model))
+    assert (window - overlap) % (PRESETS["ci"].stride * PRESETS["ci"].chunk_size) == 0
+    chunked = separate_long(ci_model, clip, window_samples=window, overlap_samples=overlap, batch_windows=2)
+    assert chunked.shape == whole.shape
+    agreement = np.asarray(si_sdr(jnp.asarray(chunked), jnp.asarray(whole)))
+    assert np.all(agreement > 20.0), agreement
+    single = separate_long(ci_model, clip, window_samples=clip.size, overlap_samples=0)  # one window: same program
+    np.testing.assert_allclose(single, whole, atol=1e-5)
+
+
+def test_window_sizes_put_the_hop_on_the_grid():
+    assert frame_grid(Local()) == 1
+    window, overlap = window_sizes(4.0, 0.5, RATE, 512)
+    assert (window - overlap) % 512 == 0 and overlap == 4000 and abs(window - 4 * RATE) < 512
+    assert window_sizes(0.01, 0.5, RATE, 512) == (1024, 512)  # hop at least one grid, overlap at most the hop
+    with pytest.raises(ValueError, match="window_seconds"):
+        window_sizes(0.0, 0.1, RATE)
+
+
+def test_score_parts_skips_unscored_parts_and_gives_mixture_zero_improvement():
+    t = np.arange(RATE) / RATE
+    targets = np.stack([np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 310 * t), np.zeros_like(t)]).astype(np.float32)
+    mixture = targets.sum(0)
+    scored = np.array([True, True, False])
+    values, improvements = score_parts(np.stack([mixture] * 3), targets, mixture, scored)
+    np.testing.assert_allclose(improvements[:2], 0.0, atol=1e-4)
+    assert np.isnan(values[2]) and np.isnan(improvements[2])
+    values, improvements = score_parts(targets, targets, mixture, scored)
+    assert np.all(values[:2] > 60) and np.all(improvements[:2] > 60)
+
+
+def test_oracle_masks_sum_to_the_mixture_and_beat_it():
+    rng = np.random.default_rng(1)
+    targets = rng.standard_normal((3, 4001)).astype(np.float32) * np.array([[1.0], [0.5], [0.0]], np.float32)
+    mixture = targets.sum(0)
+    fft_size, hop = oracle_stft_sizes(RATE)
+    assert (fft_size, hop) == (512, 128)
+    oracle = oracle_irm(targets, mixture, fft_size=fft_size, hop=hop)
+    assert oracle.shape == targets.shape
+    np.testing.assert_allclose(oracle.sum(0), mixture, atol=1e-4)
+    scored = np.array([True, True, False])
+    oracle_sdr = score_parts(oracle, targets, mixture, scored)[0]
+    mixture_sdr = score_parts(np.stack([mixture] * 3), targets, mixture, scored)[0]
+    assert np.all(oracle_sdr[:2] > mixture_sdr[:2])
+
+
+def make_corpus(root, songs: dict[str, dict[str, np.ndarray]], test: list[str]):
+    """A jaCappella-layout corpus at RATE: {song: {part: audio}}; `test` lists the test songs."""
+    for song, parts in songs.items():
+        folder = root / "subset" / song
+        folder.mkdir(parents=True)
+        for part, audio in parts.items():
+            sf.write(folder / f"{part}.wav", audio, RATE, subtype="FLOAT")
+    (root / TEST_LIST_NAME).write_text("".join(f"{s}\n" for s in test))
+    return root
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    tone = lambda f: (0.1 * np.sin(2 * np.pi * f * np.arange(RATE + 77) / RATE)).astype(np.float32)
+    full = {p: tone(150 + 60 * i) for i, p in enumerate(STEM_NAMES)}
+    silent_alto = dict(full, alto=np.zeros(RATE + 77, np.float32))
+    no_tenor = {p: a for p, a in full.items() if p != "tenor"}
+    train = {p: rng.standard_normal(RATE).astype(np.float32) * 0.05 for p in STEM_NAMES}
+    return make_corpus(tmp_path / "corpus", {"full": full, "silent_alto": silent_alto, "no_tenor": no_tenor,
+                                             "train_song": train}, test=["full", "silent_alto", "no_tenor"])
+
+
+def five_stem_model():
+    return SepReformer(PRESETS["ci"], key=jax.random.key(1))
+
+
+def test_evaluate_model_skips_absent_and_silent_parts(tiny_corpus):
+    dataset = JaCappellaDataset(tiny_corpus, sample_rate=RATE, split="test")
+    rows = evaluate_model(five_stem_model(), dataset, window_seconds=0.5, overlap_seconds=0.05)
+    scored = {(row["song"].split("/")[1], row["part"]) for row in rows}
+    assert ("silent_alto", "alto") not in scored and ("no_tenor", "tenor") not in scored
+    assert len(rows) == 3 * len(STEM_NAMES) - 2
+    assert all(np.isfinite(row[m]) for row in rows for m in METRICS)
+    summary = summarise(rows, STEM_NAMES)
+    assert [entry["part"] for entry in summary] == [*STEM_NAMES, "all"]
+    assert {entry["part"]: entry["songs"] for entry in summary}["alto"] == 2
+    np.testing.assert_allclose(summary[-1]["model_si_sdri_mean"], np.mean([r["model_si_sdri"] for r in rows]))
+    assert np.isfinite(mean_over_parts(summary))
+    only_first = evaluate_model(five_stem_model(), dataset, window_seconds=0.5, overlap_seconds=0.05, max_songs=1)
+    assert {row["song"] for row in only_first} == {dataset[0].name}
+
+
+def test_a_part_silent_everywhere_is_not_scored_and_not_averaged():
+    rows = [{"song": "a", "part": "soprano", **{m: 1.0 for m in METRICS}}]
+    summary = summarise(rows, ("soprano", "alto"))
+    assert summary[1]["songs"] == 0 and "not scored" in markdown_table(summary)
+    assert mean_over_parts(summary) == 1.0
+
+
+def test_csv_and_markdown_are_written_atomically_and_parse(tmp_path):
+    rows = [{"song": "s/a", "part": p, **{m: float(i) for m in METRICS}} for i, p in enumerate(STEM_NAMES)]
+    path = write_scores_csv(rows, tmp_path / "scores.csv")
+    with open(path, newline="") as f:
+        parsed = list(csv.DictReader(f))
+    assert [r["part"] for r in parsed] == list(STEM_NAMES)
+    assert all(float(parsed[i][m]) == float(i) for i in range(len(rows)) for m in METRICS)
+    table = markdown_table(summarise(rows, STEM_NAMES)).splitlines()
+    body = [line for line in table if line.startswith("|")]
+    assert len(body) == 2 + len(STEM_NAMES) + 1
+    assert {len(line.strip("|").split("|")) for line in body} == {7}
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"]  # no temporary file left behind
+
+
+@pytest.fixture
+def fake_checkpoint(monkeypatch):
+    """`training.load_model` replaced by a fresh ci model with the metadata a checkpoint carries."""
+    from sepreformer_book import training
+
+    meta = {"model_config": asdict(PRESETS["ci"]), "sample_rate": RATE, "stems": list(STEM_NAMES), "step": 0,
+            "profile": "ci"}
+    monkeypatch.setattr(training, "load_model", lambda checkpoint=None: (five_stem_model(), meta))
+    return meta
+
+
+def test_main_writes_csv_and_markdown(tiny_corpus, tmp_path, fake_checkpoint, capsys):
+    out = tmp_path / "out"
+    status = evaluate.main(["--data", str(tiny_corpus), "--out", str(out), "--no-progress",
+                            "--window-seconds", "0.5", "--overlap-seconds", "0.05"])
+    assert status == 0
+    with open(out / "scores_test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * len(STEM_NAMES) - 2 and set(rows[0]) == {"song", "part", *METRICS}
+    markdown = (out / "summary_test.md").read_text()
+    assert markdown.startswith("# SI-SDR on the test split") and "| all |" in markdown
+    assert sorted(p.name for p in out.iterdir()) == ["scores_test.csv", "summary_test.md"]
+    assert "mean SI-SDRi over parts" in capsys.readouterr().out
+
+
+def test_main_reports_an_empty_split(tmp_path, fake_checkpoint, capsys):
+    tone = np.full(RATE, 0.1, np.float32)
+    root = make_corpus(tmp_path / "corpus", {"only": {"soprano": tone}}, test=[])
+    assert evaluate.main(["--data", str(root), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'test' split" in err and "empty" in err
+
+
+def test_main_reports_a_missing_corpus(tmp_path, fake_checkpoint, capsys):
+    assert evaluate.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "make-corpus" in err
+
+
+def test_main_reports_a_missing_checkpoint(tiny_corpus, tmp_path, capsys):
+    status = evaluate.main(["--checkpoint", str(tmp_path / "no-such-run"), "--data", str(tiny_corpus),
+                            "--out", str(tmp_path / "out"), "--no-progress"])
+    assert status == 2
+    assert "no-such-run" in capsys.readouterr().err
+
+
+def test_dataset_errors_are_corpus_errors(tmp_path):
+    with pytest.raises(CorpusError):
+        JaCappellaDataset(tmp_path / "nowhere", sample_rate=RATE, split="test")
