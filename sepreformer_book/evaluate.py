@@ -73,9 +73,9 @@ def window_starts(num_samples: IntLike, window_samples: IntLike, overlap_samples
     count = 1 + max(0, math.ceil((num_samples - window) / hop))
     return hop * np.arange(count)
 
-# %% ../chapters/09_evaluation.ipynb #e9e30498
-WINDOW_SECONDS = 4.0  # default window for whole-song inference
-OVERLAP_SECONDS = 0.5  # default cross-fade length
+# %% ../chapters/09_evaluation.ipynb #b5e28f5d
+WINDOW_SECONDS = 2.0  # default window for whole-song inference (see "How long a window?")
+OVERLAP_SECONDS = 0.25  # default cross-fade length
 BATCH_WINDOWS = 4  # windows separated per call of the model
 
 
