@@ -1,0 +1,203 @@
+"""Tests of sepreformer_book.training: corpus batches, validation, checkpoints, resume, data parallelism, CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from beartype import beartype
+from jaxtyping import jaxtyped
+
+from sepreformer_book.config import active_profile
+from sepreformer_book.data import STEM_NAMES, JaCappellaDataset, ensure_corpus
+from sepreformer_book.model import PRESETS, SepReformer
+from sepreformer_book.training import (CheckpointError, RunConfig, _read_jsonl, corpus_iterator, load_model, main,
+                                       parallel_check, read_meta, restore_checkpoint, run_config_for, save_checkpoint,
+                                       train_on_corpus, validate, validation_batches, validation_scores)
+
+# One run configuration for every in-process training test: one compile of the step serves them all.
+RUN = run_config_for("ci", steps=8, checkpoint_every=4, valid_every=4, audio_every=100)
+
+
+@pytest.fixture(scope="module")
+def root() -> Path:
+    return ensure_corpus(active_profile("ci"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root, tmp_path_factory):
+    return train_on_corpus(RUN, root, tmp_path_factory.mktemp("whole"), progress=False, tensorboard=False)
+
+
+def leaves(model) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
+
+
+def test_run_config_overrides_and_unknown_fields():
+    run = run_config_for("ci", steps=5, seed=None)
+    assert run.steps == 5 and run.seed == 0 and run.batch_size == active_profile("ci").batch_size
+    assert run.optimizer_config().decay_steps == 5 and run.optimizer_config().warmup_steps <= 2
+    with pytest.raises(TypeError, match="stepz"):
+        run_config_for("ci", stepz=5)
+
+
+def test_iterator_state_replays_the_stream(root):
+    dataset = JaCappellaDataset(root, sample_rate=8000, split="train")
+    stream = corpus_iterator(dataset, 800, 2, seed=3)
+    next(stream)
+    state = stream.get_state()
+    expected = [next(stream)["mixture"] for _ in range(3)]
+    replay = corpus_iterator(dataset, 800, 2, seed=3, state=state)
+    assert all(np.array_equal(next(replay)["mixture"], e) for e in expected)
+
+
+def test_validation_batches_have_one_shape_and_weights(root):
+    dataset = JaCappellaDataset(root, sample_rate=8000, split="valid")
+    batches = validation_batches(dataset, 1000, 3, max_segments=7)
+    assert {b["mixture"].shape for b in batches} == {(3, 1000)}
+    weights = np.concatenate([b["weight"] for b in batches])
+    assert weights.sum() == 7 and set(weights.tolist()) == {0.0, 1.0}
+
+
+def test_validate_scores_the_mixture_at_zero_improvement(root):
+    class Copycat(eqx.Module):
+        def __call__(self, x):
+            return jnp.broadcast_to(x, (len(STEM_NAMES), x.shape[0]))
+
+    dataset = JaCappellaDataset(root, sample_rate=8000, split="valid")
+    scores = validate(Copycat(), validation_batches(dataset, 2000, 2, 4))
+    assert abs(scores["mean_si_sdri"]) < 1e-4
+    assert np.isfinite(scores["mean_si_sdr"]) and set(scores) >= {f"si_sdri/{n}" for n in STEM_NAMES}
+
+
+def test_validation_scores_shapes_are_checked():
+    model = SepReformer(PRESETS["ci"], key=jax.random.key(0))
+    checked = jaxtyped(typechecker=beartype)(validation_scores.__wrapped__)
+    estimate, mixture = checked(model, jnp.zeros((2, 300)), jnp.zeros((2, 5, 300)))
+    assert estimate.shape == mixture.shape == (2, 5)
+    with pytest.raises(Exception):
+        checked(model, jnp.zeros((2, 300)), jnp.zeros((3, 5, 300)))
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = SepReformer(PRESETS["ci"], key=jax.random.key(1))
+    save_checkpoint(tmp_path / "ck", 3, model, {"model_config": asdict(model.config)})
+    loaded, meta = load_model(tmp_path / "ck")
+    assert meta["step"] == 3 and all(np.array_equal(a, b) for a, b in zip(leaves(model), leaves(loaded)))
+    other = SepReformer(replace(PRESETS["ci"], dim=32), key=jax.random.key(1))
+    with pytest.raises(CheckpointError, match="another model.*dim"):
+        restore_checkpoint(tmp_path / "ck", other)
+    with pytest.raises(CheckpointError, match="No checkpoint at"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_model(tmp_path / "empty")
+
+
+def test_corrupt_checkpoint_metadata_is_a_clear_error(tmp_path):
+    model = SepReformer(PRESETS["ci"], key=jax.random.key(1))
+    step_dir = save_checkpoint(tmp_path / "ck", 1, model, {"model_config": asdict(model.config)})
+    for path in (step_dir / "meta").rglob("*"):
+        if path.is_file():
+            path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="incomplete or corrupt"):
+        read_meta(tmp_path / "ck")
+
+
+def test_resume_after_a_stop_is_bit_for_bit(root, tmp_path, uninterrupted):
+    first = train_on_corpus(RUN, root, tmp_path, stop_after=4, progress=False, tensorboard=False)
+    assert first.history.step == [0, 1, 2, 3]
+    with pytest.raises(CheckpointError, match="--resume"):
+        train_on_corpus(RUN, root, tmp_path, progress=False, tensorboard=False)
+    with pytest.raises(CheckpointError, match="run settings differ"):
+        train_on_corpus(replace(RUN, learning_rate=0.5), root, tmp_path, resume=True, progress=False, tensorboard=False)
+    resumed = train_on_corpus(RUN, root, tmp_path, resume=True, progress=False, tensorboard=False)
+    assert resumed.history.step == [4, 5, 6, 7]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(uninterrupted.model), leaves(resumed.model)))
+    logged = lambda out: [(r["step"], r["loss"]) for r in _read_jsonl(out / "metrics.jsonl")]
+    assert logged(tmp_path) == logged(uninterrupted.out)
+    assert [r["step"] for r in _read_jsonl(tmp_path / "validation.jsonl")] == [4, 8]
+    best_model, meta = load_model(tmp_path)  # the run directory -> its best checkpoint
+    assert meta["step"] == resumed.best["step"] and meta["stems"] == list(STEM_NAMES)
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(root, tmp_path):
+    steps, every = 40, 5
+    run = run_config_for("ci", steps=steps, checkpoint_every=every, valid_every=1000, audio_every=1000)
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "sepreformer_book.training", "--profile", "ci", "--data", str(root),
+               "--out", str(out), "--steps", str(steps), "--checkpoint-every", str(every),
+               "--valid-every", "1000", "--audio-every", "1000", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = out / "checkpoints" / "last"
+    deadline = time.time() + 300
+    while not (last.is_dir() and any(p.name.isdigit() for p in last.iterdir())):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = read_meta(last)["step"]
+    assert killed_at < steps, "the run finished before it could be killed"
+    resumed = train_on_corpus(run, root, out, resume=True, progress=False, tensorboard=True)
+    assert resumed.history.step[0] == killed_at
+    whole = train_on_corpus(run, root, tmp_path / "whole", progress=False, tensorboard=False)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(whole.model), leaves(resumed.model)))
+    assert [r["loss"] for r in _read_jsonl(out / "metrics.jsonl")] == [r["loss"] for r in _read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
+
+
+def test_two_forced_devices_give_the_one_device_loss():
+    check = parallel_check()
+    assert check["device_count"] == 2 and check["parameter_devices_2"] == 2
+    assert abs(check["loss_1"] - check["loss_2"]) <= 1e-5 * abs(check["loss_1"])
+    assert check["max_parameter_difference"] < 1e-5
+
+
+def test_command_line_run_writes_its_files(root, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["--profile", "ci", "--data", str(root), "--out", str(out), "--steps", "8", "--checkpoint-every", "4",
+                 "--valid-every", "4", "--audio-every", "100", "--no-progress"])
+    assert code == 0
+    assert "best validation mean SI-SDRi" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").is_file() and (out / "tb").is_dir()
+    assert [r["step"] for r in _read_jsonl(out / "validation.jsonl")] == [4, 8]
+    assert main(["--profile", "ci", "--data", str(root), "--out", str(out), "--steps", "8", "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_train_module_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "sepreformer_book.train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--resume" in done.stdout
+
+
+def test_publish_run_copies_the_best_model_with_a_readme(uninterrupted, tmp_path):
+    from sepreformer_book.training import publish_run
+
+    dest = publish_run(uninterrupted.out, tmp_path / "shipped", command="python -m sepreformer_book.training --x")
+    model, meta = load_model(dest)
+    best, _ = load_model(uninterrupted.out)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(model), leaves(best)))
+    readme = (dest / "README.md").read_text()
+    assert "python -m sepreformer_book.training --x" in readme and f"step {meta['step']}" in readme
+    assert (dest / "metrics.jsonl").is_file() and not any(p.name.startswith("opt_state") for p in dest.rglob("*"))
+    publish_run(uninterrupted.out, dest, command="again")  # replacing an existing copy
+    assert "again" in (dest / "README.md").read_text() and not dest.with_name("shipped.staging").exists()
+
+
+def test_the_shipped_model_loads_as_the_book_preset():
+    from sepreformer_book.training import DEFAULT_CHECKPOINT
+
+    model, meta = load_model()
+    assert model.config == PRESETS["book"] and meta["profile"] == "book"
+    assert (DEFAULT_CHECKPOINT / "README.md").is_file()
+    estimates = model(jnp.zeros(1000))
+    assert estimates.shape == (5, 1000)
