@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: book test export check-export data lab bench venv
+.PHONY: book test export check-export data lab bench venv train
 
 # (Re)install when pyproject.toml changes; pip's cache makes a rerun cheap.
 $(STAMP): pyproject.toml
@@ -37,6 +37,10 @@ test: $(STAMP)
 	SEPREFORMER_PROFILE=ci $(PY) -c "from sepreformer_book.data import ensure_corpus; print('corpus:', ensure_corpus())"; \
 	SEPREFORMER_PROFILE=ci $(PY) -m pytest -q --nbval-lax --nbval-current-env chapters/; \
 	echo "chapters (ci profile): $$(( $$(date +%s) - start )) s"
+
+RUN ?= book
+train: $(STAMP)
+	$(PY) -m sepreformer_book.training --out runs/$(RUN) $(if $(RESUME),--resume,)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab chapters/
