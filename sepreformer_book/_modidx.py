@@ -116,6 +116,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'sepreformer_book/evaluate.py'),
                                            'sepreformer_book.evaluate.mean_over_parts': ( 'evaluation.html#mean_over_parts',
                                                                                           'sepreformer_book/evaluate.py'),
+                                           'sepreformer_book.evaluate.mixture_consistent': ( 'evaluation.html#mixture_consistent',
+                                                                                             'sepreformer_book/evaluate.py'),
                                            'sepreformer_book.evaluate.oracle_irm': ( 'evaluation.html#oracle_irm',
                                                                                      'sepreformer_book/evaluate.py'),
                                            'sepreformer_book.evaluate.oracle_stft_sizes': ( 'evaluation.html#oracle_stft_sizes',

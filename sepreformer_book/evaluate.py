@@ -3,8 +3,8 @@
 # %% auto #0
 __all__ = ['WINDOW_SECONDS', 'OVERLAP_SECONDS', 'BATCH_WINDOWS', 'METRICS', 'unchunked_temp_bytes', 'crossfade_weights',
            'window_starts', 'separate_long', 'frame_grid', 'window_sizes', 'score_parts', 'oracle_stft_sizes',
-           'oracle_irm', 'evaluate_model', 'mean_over_parts', 'summarise', 'markdown_table', 'user_errors',
-           'write_scores_csv', 'evaluate_checkpoint', 'main']
+           'oracle_irm', 'evaluate_model', 'mean_over_parts', 'summarise', 'markdown_table', 'mixture_consistent',
+           'user_errors', 'write_scores_csv', 'evaluate_checkpoint', 'main']
 
 # %% ../chapters/09_evaluation.ipynb #48b4579a
 """Whole-song inference with bounded memory and per-part SI-SDR/SI-SDRi evaluation (generated from chapters/09_evaluation.ipynb)."""
@@ -255,6 +255,17 @@ def markdown_table(summary: list[dict]) -> str:
                  for key, _ in _COLUMNS]
         lines.append(f"| {entry['part']} | {entry['songs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nCells: mean / median over songs, in dB.\n"
+
+# %% ../chapters/09_evaluation.ipynb #16f395a0
+@jaxtyped(typechecker=beartype)
+def mixture_consistent(
+    estimates: Float[np.ndarray, "N T"], mixture: Float[np.ndarray, " T"]
+) -> tuple[Float[np.ndarray, "N T"], Float[np.ndarray, " N"]]:
+    """Rescale each part by the gain (sign included) that makes the parts add up to the mixture as closely as
+    possible: g = argmin ||mixture - sum_i g_i estimates_i||^2. Returns (rescaled parts, g)."""
+    parts = estimates.astype(np.float64)
+    gains = np.linalg.lstsq(parts @ parts.T, parts @ mixture.astype(np.float64), rcond=1e-10)[0]
+    return (parts * gains[:, None]).astype(np.float32), gains
 
 # %% ../chapters/09_evaluation.ipynb #355a5942
 def user_errors() -> tuple[type[Exception], ...]:

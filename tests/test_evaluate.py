@@ -14,8 +14,8 @@ from jaxtyping import TypeCheckError, jaxtyped
 from sepreformer_book import evaluate
 from sepreformer_book.data import STEM_NAMES, TEST_LIST_NAME, CorpusError, JaCappellaDataset
 from sepreformer_book.evaluate import (METRICS, crossfade_weights, evaluate_model, frame_grid, markdown_table,
-                                       mean_over_parts, oracle_irm, oracle_stft_sizes, score_parts, separate_long,
-                                       summarise, window_sizes, window_starts, write_scores_csv)
+                                       mean_over_parts, mixture_consistent, oracle_irm, oracle_stft_sizes, score_parts,
+                                       separate_long, summarise, window_sizes, window_starts, write_scores_csv)
 from sepreformer_book.losses import si_sdr
 from sepreformer_book.model import PRESETS, SepReformer
 from sepreformer_book.train import separate_batch
@@ -140,6 +140,25 @@ def test_score_parts_skips_unscored_parts_and_gives_mixture_zero_improvement():
     assert np.isnan(values[2]) and np.isnan(improvements[2])
     values, improvements = score_parts(targets, targets, mixture, scored)
     assert np.all(values[:2] > 60) and np.all(improvements[:2] > 60)
+
+
+def test_mixture_consistent_gains_undo_level_and_sign_without_changing_si_sdr():
+    rng = np.random.default_rng(2)
+    targets = rng.standard_normal((4, 3000)).astype(np.float32)
+    mixture = targets.sum(0)
+    wrong = targets * np.array([[0.05], [-0.2], [3.0], [-1.0]], np.float32)  # too quiet, too loud, upside down
+    fixed, gains = mixture_consistent(wrong, mixture)
+    np.testing.assert_allclose(gains, [20.0, -5.0, 1 / 3, -1.0], rtol=1e-4)
+    np.testing.assert_allclose(fixed, targets, atol=1e-4)
+    noisy = wrong + 0.1 * rng.standard_normal(wrong.shape).astype(np.float32)
+    fixed, _ = mixture_consistent(noisy, mixture)
+    scored = np.ones(4, bool)
+    np.testing.assert_allclose(score_parts(fixed, targets, mixture, scored)[0],
+                               score_parts(noisy, targets, mixture, scored)[0], atol=1e-3)
+    residual = (mixture - fixed.sum(0)).astype(np.float64)
+    np.testing.assert_allclose(fixed.astype(np.float64) @ residual, 0.0, atol=1e-2 * np.sum(mixture ** 2))
+    silent, gains = mixture_consistent(np.zeros_like(targets), mixture)  # no estimate at all: zero gains, no NaN
+    assert np.all(silent == 0) and np.all(np.isfinite(gains))
 
 
 def test_oracle_masks_sum_to_the_mixture_and_beat_it():
