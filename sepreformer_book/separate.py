@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['AudioFileError', 'say', 'read_song', 'song_name', 'separate_file', 'main']
 
-# %% ../chapters/10_separating_songs.ipynb #a0c2445c
+# %% ../chapters/10_separating_songs.ipynb #5b031dbf
 """Separate audio files into voice parts from the command line (generated from chapters/10_separating_songs.ipynb)."""
 
 import argparse
@@ -16,8 +16,8 @@ import soundfile as sf
 from jaxtyping import Float
 
 from .data import _atomic_write_bytes
-from .evaluate import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid, separate_long,
-                                       user_errors, window_sizes)
+from .evaluate import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid, mixture_consistent,
+                                       separate_long, user_errors, window_sizes)
 
 # %% ../chapters/10_separating_songs.ipynb #40257f6d
 class AudioFileError(ValueError):
@@ -58,7 +58,7 @@ def read_song(path: str | os.PathLike, sample_rate: int) -> Float[np.ndarray, " 
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
-# %% ../chapters/10_separating_songs.ipynb #44030a95
+# %% ../chapters/10_separating_songs.ipynb #bb2d6d3d
 def song_name(path: str | os.PathLike) -> str:
     """The output folder name of a song file: its stem, or its folder's name for jaCappella's `<song>/mixture.wav`."""
     path = Path(path)
@@ -68,9 +68,11 @@ def song_name(path: str | os.PathLike) -> str:
 def separate_file(model, song: str | os.PathLike, out_dir: str | os.PathLike, *, sample_rate: int,
                   stems: tuple[str, ...], window_seconds: float = WINDOW_SECONDS,
                   overlap_seconds: float = OVERLAP_SECONDS, batch_windows: int = BATCH_WINDOWS,
-                  output_rate: int | None = None, overwrite: bool = False, progress: bool = False) -> dict[str, Path]:
+                  output_rate: int | None = None, keep_model_gains: bool = False, overwrite: bool = False,
+                  progress: bool = False) -> dict[str, Path]:
     """Separate `song` with `model` and write `<out_dir>/<song name>/<part>.wav` and `residual.wav` (float WAV at
-    `output_rate`, default the model's `sample_rate`). Returns {part or 'residual': path}."""
+    `output_rate`, default the model's `sample_rate`); parts rescaled by `mixture_consistent` unless
+    `keep_model_gains`. Returns {part or 'residual': path}."""
     import soxr
 
     song = Path(song).expanduser()
@@ -86,6 +88,10 @@ def separate_file(model, song: str | os.PathLike, out_dir: str | os.PathLike, *,
                               batch_windows=batch_windows, progress=progress)
     if estimates.shape[0] != len(stems):
         raise ValueError(f"The model returned {estimates.shape[0]} parts but the checkpoint names {len(stems)}: {stems}.")
+    if not keep_model_gains:
+        estimates, gains = mixture_consistent(estimates, mixture)
+        say(f"{song.name}: part gains that make the parts add up to the mixture: "
+            + ", ".join(f"{name} {gain:+.2f}" for name, gain in zip(stems, gains)))
     tracks = dict(zip(names, [*estimates, mixture - estimates.sum(axis=0)]))
     rate = sample_rate
     if output_rate is not None and output_rate != sample_rate:
@@ -99,7 +105,7 @@ def separate_file(model, song: str | os.PathLike, out_dir: str | os.PathLike, *,
         _atomic_write_bytes(paths[name], lambda f: sf.write(f, audio, rate, format="WAV", subtype="FLOAT"))
     return paths
 
-# %% ../chapters/10_separating_songs.ipynb #c868c315
+# %% ../chapters/10_separating_songs.ipynb #9fe6929a
 def main(argv: list[str] | None = None) -> int:
     """`python -m sepreformer_book.separate SONG.wav [SONG2 ...] [--checkpoint C] --out DIR [--output-rate HZ]`."""
     parser = argparse.ArgumentParser(
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-seconds", type=float, default=WINDOW_SECONDS)
     parser.add_argument("--overlap-seconds", type=float, default=OVERLAP_SECONDS)
     parser.add_argument("--batch-windows", type=int, default=BATCH_WINDOWS)
+    parser.add_argument("--keep-model-gains", action="store_true",
+                        help="write the model's raw output (default: rescale the parts to add up to the mixture)")
     parser.add_argument("--overwrite", action="store_true", help="replace results of an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = separate_file(model, song, args.out, sample_rate=meta["sample_rate"], stems=tuple(meta["stems"]),
                                   window_seconds=args.window_seconds, overlap_seconds=args.overlap_seconds,
                                   batch_windows=args.batch_windows, output_rate=args.output_rate,
-                                  overwrite=args.overwrite, progress=not args.no_progress)
+                                  keep_model_gains=args.keep_model_gains, overwrite=args.overwrite,
+                                  progress=not args.no_progress)
             print(f"{song}: wrote {len(paths)} files to {paths['residual'].parent}")
     except (*user_errors(), AudioFileError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)

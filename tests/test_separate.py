@@ -85,6 +85,19 @@ def test_separate_file_writes_parts_and_residual_that_sum_to_the_mixture(ci_mode
     assert sorted(p.name for p in (tmp_path / "out" / "song").iterdir()) == sorted(p.name for p in paths.values())
 
 
+def test_separate_file_rescales_parts_to_the_mixture_unless_asked_not_to(ci_model, stereo_song, tmp_path, capsys):
+    calibrated = separate_file(ci_model, stereo_song, tmp_path / "calibrated", **SIZES)
+    assert "part gains" in capsys.readouterr().err
+    raw = separate_file(ci_model, stereo_song, tmp_path / "raw", keep_model_gains=True, **SIZES)
+    assert "part gains" not in capsys.readouterr().err
+    mixture = read_song(stereo_song, RATE).astype(np.float64)
+    residual_energy = lambda paths: float(np.sum(sf.read(paths["residual"], dtype="float64")[0] ** 2))
+    assert residual_energy(calibrated) <= residual_energy(raw) + 1e-9
+    parts = np.stack([sf.read(calibrated[name], dtype="float64")[0] for name in STEM_NAMES])
+    residual = sf.read(calibrated["residual"], dtype="float64")[0]
+    np.testing.assert_allclose(parts @ residual, 0.0, atol=1e-3 * np.sum(mixture ** 2))  # least squares: orthogonal
+
+
 def test_separate_file_resamples_outputs_when_asked(ci_model, stereo_song, tmp_path):
     paths = separate_file(ci_model, stereo_song, tmp_path / "out", output_rate=44_100, **SIZES)
     mixture_44k = read_song(stereo_song, 44_100)
