@@ -203,7 +203,7 @@ def parallel_check() -> dict:
         raise RuntimeError(f"the two-device check failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
-# %% ../chapters/08_training.ipynb #58a6319f
+# %% ../chapters/08_training.ipynb #069333ac
 CHECKPOINT_FORMAT = 1
 DEFAULT_CHECKPOINT = Path(sepreformer_book.__file__).parent / "pretrained" / "book"  # shipped with the package
 
@@ -240,6 +240,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: eqx.Module, 
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(eqx.filter(opt_state, eqx.is_array))
     with _manager(Path(directory)) as manager:
+        if int(step) in manager.all_steps():  # a resumed run re-reaching a step saved after its last checkpoint
+            manager.delete(int(step))
         manager.save(int(step), args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
     return Path(directory) / str(int(step))
@@ -431,7 +433,7 @@ def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathL
         writer.close()
     return TrainResult(model, history, dict(best), out, seconds_before + time.perf_counter() - started)
 
-# %% ../chapters/08_training.ipynb #46e971c7
+# %% ../chapters/08_training.ipynb #1889304e
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sepreformer_book.training",
                                      description="Train SepReformer on a jaCappella-layout corpus.")
@@ -444,12 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name != "profile":
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=None, help=f"(profile default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host run: call jax.distributed.initialize() first (coordinator from the environment)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sepreformer_book.training --out runs/NAME [--profile book] [--data ROOT] [--resume] ...`."""
     args = build_parser().parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize()  # before any other JAX call; reads the cluster's environment (SLURM, TPU, ...)
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "profile"}
     run = run_config_for(args.profile, **overrides)
     profile = active_profile(run.profile)

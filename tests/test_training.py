@@ -201,3 +201,13 @@ def test_the_shipped_model_loads_as_the_book_preset():
     assert (DEFAULT_CHECKPOINT / "README.md").is_file()
     estimates = model(jnp.zeros(1000))
     assert estimates.shape == (5, 1000)
+
+
+def test_resume_when_killed_between_the_best_and_the_last_save(root, tmp_path, uninterrupted):
+    import shutil
+
+    train_on_corpus(RUN, root, tmp_path, stop_after=4, progress=False, tensorboard=False)
+    shutil.rmtree(tmp_path / "checkpoints" / "last" / "4")  # best/4 was written, last/4 was not
+    resumed = train_on_corpus(RUN, root, tmp_path, resume=True, progress=False, tensorboard=False)
+    assert resumed.history.step[0] == 0 and read_meta(tmp_path / "checkpoints" / "best")["step"] == resumed.best["step"]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(uninterrupted.model), leaves(resumed.model)))
