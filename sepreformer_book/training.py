@@ -6,7 +6,7 @@ __all__ = ['RUN_DEFAULTS', 'PARALLEL_CHECK', 'CHECKPOINT_FORMAT', 'DEFAULT_CHECK
            'shard_batch', 'parallel_check', 'CheckpointError', 'save_checkpoint', 'checkpoint_root', 'read_meta',
            'restore_checkpoint', 'load_model', 'TrainResult', 'train_on_corpus', 'build_parser', 'main', 'publish_run']
 
-# %% ../chapters/08_training.ipynb #3b204091
+# %% ../chapters/08_training.ipynb #2e7535db
 """Training on a corpus: validation, Orbax checkpoints, bit-for-bit resume, data parallelism and the `train` command
 (generated from chapters/08_training.ipynb)."""
 import argparse
@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import equinox as eqx

@@ -1,6 +1,4 @@
 """Tests of sepreformer_book.training: corpus batches, validation, checkpoints, resume, data parallelism, CLI."""
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from jaxtyping import jaxtyped
 from sepreformer_book.config import active_profile
 from sepreformer_book.data import STEM_NAMES, JaCappellaDataset, ensure_corpus
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.training import (CheckpointError, RunConfig, _read_jsonl, corpus_iterator, load_model, main,
+from sepreformer_book.training import (CheckpointError, _read_jsonl, corpus_iterator, load_model, main,
                                        parallel_check, read_meta, restore_checkpoint, run_config_for, save_checkpoint,
                                        train_on_corpus, validate, validation_batches, validation_scores)
 
