@@ -228,6 +228,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                      'sepreformer_book/training.py'),
                                            'sepreformer_book.training.TrainResult': ( 'training.html#trainresult',
                                                                                       'sepreformer_book/training.py'),
+                                           'sepreformer_book.training._differences': ( 'training.html#_differences',
+                                                                                       'sepreformer_book/training.py'),
                                            'sepreformer_book.training._manager': ('training.html#_manager', 'sepreformer_book/training.py'),
                                            'sepreformer_book.training._read_jsonl': ( 'training.html#_read_jsonl',
                                                                                       'sepreformer_book/training.py'),

@@ -6,7 +6,7 @@ __all__ = ['RUN_DEFAULTS', 'PARALLEL_CHECK', 'CHECKPOINT_FORMAT', 'DEFAULT_CHECK
            'shard_batch', 'parallel_check', 'CheckpointError', 'save_checkpoint', 'checkpoint_root', 'read_meta',
            'restore_checkpoint', 'load_model', 'TrainResult', 'train_on_corpus', 'build_parser', 'main', 'publish_run']
 
-# %% ../chapters/08_training.ipynb #2e7535db
+# %% ../chapters/08_training.ipynb #d9ce104a
 """Training on a corpus: validation, Orbax checkpoints, bit-for-bit resume, data parallelism and the `train` command
 (generated from chapters/08_training.ipynb)."""
 import argparse
@@ -28,8 +28,8 @@ from jaxtyping import Array, Float, PyTree
 
 import sepreformer_book
 from .config import PROFILES, active_profile
-from .data import (STEM_NAMES, CorpusError, JaCappellaDataset, default_corpus_root, ensure_corpus,
-                                   loader, read_segment, synthetic_corpus_root)
+from .data import (STEM_NAMES, CorpusError, JaCappellaDataset, _atomic_write_bytes,
+                                   default_corpus_root, ensure_corpus, loader, read_segment, synthetic_corpus_root)
 from .losses import si_sdr
 from .model import ModelConfig, SepReformer, model_config_for
 from .train import History, OptimizerConfig, make_optimizer, train_loop
@@ -203,7 +203,7 @@ def parallel_check() -> dict:
         raise RuntimeError(f"the two-device check failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
-# %% ../chapters/08_training.ipynb #069333ac
+# %% ../chapters/08_training.ipynb #5cce11d6
 CHECKPOINT_FORMAT = 1
 DEFAULT_CHECKPOINT = Path(sepreformer_book.__file__).parent / "pretrained" / "book"  # shipped with the package
 
@@ -278,18 +278,24 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def restore_checkpoint(path: str | os.PathLike, model: eqx.Module,
-                       opt_state: PyTree | None = None) -> tuple[eqx.Module, PyTree | None, dict]:
-    """Fill `model` (and `opt_state`) with the arrays of the newest checkpoint under `path`; the shapes must match."""
+def _differences(saved: dict, requested: dict) -> dict:
+    """{field: (saved value, requested value)} for every field where the two settings disagree."""
+    return {k: (saved.get(k), v) for k, v in requested.items() if saved.get(k) != v}
+
+
+def restore_checkpoint(path: str | os.PathLike, model: eqx.Module, opt_state: PyTree | None = None,
+                       meta: dict | None = None) -> tuple[eqx.Module, PyTree | None, dict]:
+    """Fill `model` (and `opt_state`) with the arrays of the newest checkpoint under `path`; the shapes must match.
+    `meta`: that checkpoint's metadata, when the caller has already read it."""
     import orbax.checkpoint as ocp
 
     root = checkpoint_root(path)
-    meta = read_meta(root)
+    meta = read_meta(root) if meta is None else meta
     expected = asdict(model.config) if isinstance(model, SepReformer) else None
     if expected is not None and meta["model_config"] != expected:
-        changed = {k: (meta["model_config"].get(k), v) for k, v in expected.items() if meta["model_config"].get(k) != v}
         raise CheckpointError(f"The checkpoint in {root} belongs to another model: (checkpoint, requested) differ in "
-                              f"{changed}. Use the same --profile, or another --out for a new run.")
+                              f"{_differences(meta['model_config'], expected)}. Use the same --profile, or another "
+                              f"--out for a new run.")
 
     def target(tree):
         return jax.tree.map(ocp.utils.to_shape_dtype_struct, eqx.filter(tree, eqx.is_array))
@@ -311,12 +317,13 @@ def restore_checkpoint(path: str | os.PathLike, model: eqx.Module,
 def load_model(checkpoint: str | os.PathLike | None = None) -> tuple[SepReformer, dict]:
     """A trained SepReformer and its metadata, from a run directory, a checkpoint directory, or (None) the checkpoint
     shipped with the book."""
-    meta = read_meta(DEFAULT_CHECKPOINT if checkpoint is None else checkpoint)
+    root = checkpoint_root(DEFAULT_CHECKPOINT if checkpoint is None else checkpoint)
+    meta = read_meta(root)
     skeleton = SepReformer(ModelConfig(**meta["model_config"]), key=jax.random.key(0))
-    model, _, meta = restore_checkpoint(DEFAULT_CHECKPOINT if checkpoint is None else checkpoint, skeleton)
+    model, _, meta = restore_checkpoint(root, skeleton, meta=meta)
     return model, meta
 
-# %% ../chapters/08_training.ipynb #40dff45f
+# %% ../chapters/08_training.ipynb #ead3fd44
 def _read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines log; a partial last line (a run killed mid-write) is ignored."""
     records = []
@@ -331,10 +338,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep only the records of steps before `last_step` (atomically)."""
-    kept = [r for r in _read_jsonl(path) if r["step"] < last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r) + "\n" for r in _read_jsonl(path) if r["step"] < last_step)
+    _atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 @dataclass
@@ -377,11 +382,9 @@ def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathL
     if resume and last_dir.is_dir() and any(last_dir.iterdir()):
         meta = read_meta(last_dir)
         if meta.get("run") != asdict(run):
-            changed = {k: (meta.get("run", {}).get(k), v) for k, v in asdict(run).items()
-                       if meta.get("run", {}).get(k) != v}
             raise CheckpointError(f"Cannot resume {out}: the run settings differ from the checkpoint's "
-                                  f"(checkpoint, requested): {changed}.")
-        model, opt_state, meta = restore_checkpoint(last_dir, model, opt_state)
+                                  f"(checkpoint, requested): {_differences(meta.get('run', {}), asdict(run))}.")
+        model, opt_state, meta = restore_checkpoint(last_dir, model, opt_state, meta=meta)
         first_step, data_state = meta["step"], meta["data_state"]
         seconds_before, best = meta["train_seconds"], meta["best"]
     out.mkdir(parents=True, exist_ok=True)
