@@ -7,8 +7,8 @@ __all__ = ['STEM_NAMES', 'OPTIONAL_STEMS', 'ALL_STEMS', 'CORPUS_SAMPLE_RATE', 'T
            'tune_family', 'Voice', 'perturbed_voice', 'formant_response', 'smooth', 'render_voice', 'time_map',
            'lead_line', 'beatbox', 'render_song', 'split_by_family', 'make_corpus', 'is_complete_corpus', 'data_home',
            'synthetic_corpus_root', 'default_corpus_root', 'ensure_corpus', 'CorpusError', 'find_songs', 'split_songs',
-           'read_wav', 'default_cache_dir', 'cache_song', 'SongRef', 'JaCappellaDataset', 'read_segment',
-           'extract_segment', 'stack_items', 'batch_to_jax', 'loader', 'training_iterator', 'main']
+           'read_wav', 'default_cache_dir', 'atomic_write', 'cache_song', 'SongRef', 'JaCappellaDataset',
+           'read_segment', 'extract_segment', 'stack_items', 'batch_to_jax', 'loader', 'training_iterator', 'main']
 
 # %% ../chapters/01_data.ipynb #935fa2d2
 """The data pipeline: jaCappella layout, the synthetic chorale corpus, cached segments and grain (generated from chapters/01_data.ipynb)."""
@@ -20,10 +20,13 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -564,11 +567,17 @@ def default_cache_dir(root: Path) -> Path:
     return Path.home() / ".cache" / "sepreformer_book" / "segments" / f"{root.name}-{digest}"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Create or replace the file `path` with what `write(f)` writes to a binary file `f`: written beside it under a
+    temporary name, then renamed, so a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _source_key(song: Path) -> dict:
@@ -602,7 +611,7 @@ def cache_song(song: Path, sample_rate: int, cache_dir: Path, manifest: dict) ->
     for i, a in enumerate(audio):
         stack[i, :a.size] = a
     name = f"{song.parent.name}__{song.name}__{sample_rate}.npy"
-    _atomic_write_bytes(cache_dir / name, lambda f: np.save(f, stack))
+    atomic_write(cache_dir / name, lambda f: np.save(f, stack))
     entry = {"file": name, "sources": sources, "parts": parts, "length": int(stack.shape[1]), "sample_rate": sample_rate}
     manifest[key] = entry
     return entry
@@ -650,7 +659,7 @@ class JaCappellaDataset:
         entries = [cache_song(s, self.sample_rate, self.cache_dir, manifest)
                    for s in tqdm(self.songs, desc=f"caching {split} songs", disable=not progress)]
         if json.dumps(manifest, sort_keys=True) != before:
-            _atomic_write_bytes(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         self.refs = [SongRef(i, f"{s.parent.name}/{s.name}", str(self.cache_dir / e["file"]),
                              tuple(e["parts"].index(n) if n in e["parts"] else -1 for n in self.stems), e["length"])
                      for i, (s, e) in enumerate(zip(self.songs, entries))]

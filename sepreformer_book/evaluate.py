@@ -27,7 +27,7 @@ from beartype import beartype
 from jaxtyping import Array, Bool, Float, jaxtyped
 from tqdm import tqdm
 
-from .data import CorpusError, JaCappellaDataset, _atomic_write_bytes, default_corpus_root
+from .data import CorpusError, JaCappellaDataset, atomic_write, default_corpus_root
 from .losses import IntLike, si_sdr, si_sdri
 from .train import separate_batch
 
@@ -283,7 +283,7 @@ def write_scores_csv(rows: list[dict], path: str | os.PathLike) -> Path:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    _atomic_write_bytes(path, lambda f: f.write(text.getvalue().encode()))
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
     return path
 
 
@@ -307,7 +307,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None, data_root: str | o
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": write_scores_csv(rows, out / f"scores_{split}.csv"), "markdown": out / f"summary_{split}.md"}
     title = f"# SI-SDR on the {split} split of {root}\n\nCheckpoint: {checkpoint or 'committed book checkpoint'}\n\n"
-    _atomic_write_bytes(paths["markdown"], lambda f: f.write((title + markdown_table(summary)).encode()))
+    atomic_write(paths["markdown"], lambda f: f.write((title + markdown_table(summary)).encode()))
     return rows, summary, paths
 
 

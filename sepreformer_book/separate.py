@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 from jaxtyping import Float
 
-from .data import _atomic_write_bytes
+from .data import atomic_write
 from .evaluate import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid, mixture_consistent,
                                        separate_long, user_errors, window_sizes)
 
@@ -102,7 +102,7 @@ def separate_file(model, song: str | os.PathLike, out_dir: str | os.PathLike, *,
     paths = {}
     for name, audio in tracks.items():
         paths[name] = target / f"{name}.wav"
-        _atomic_write_bytes(paths[name], lambda f: sf.write(f, audio, rate, format="WAV", subtype="FLOAT"))
+        atomic_write(paths[name], lambda f: sf.write(f, audio, rate, format="WAV", subtype="FLOAT"))
     return paths
 
 # %% ../chapters/10_separating_songs.ipynb #9fe6929a

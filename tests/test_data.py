@@ -114,6 +114,22 @@ def test_tune_family_ignores_key():
 
 
 # ---------------------------------------------------------------- atomic writes and the command line
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "result.json"
+    data.atomic_write(target, lambda f: f.write(b"old"))
+    assert target.read_bytes() == b"old"
+
+    def half_then_crash(f):
+        f.write(b"new but incomplete")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        data.atomic_write(target, half_then_crash)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    data.atomic_write(str(target), lambda f: f.write(b"new"))  # a str path works too
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
 def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
     def fail(*_):
         raise RuntimeError("interrupted")
