@@ -53,6 +53,26 @@ def matmul_peak(size=2048, repeats=5):
     return 2 * size**3 / seconds / 1e9
 
 
+def shaped_matmul_rates(config, batch, seconds, repeats=5):
+    """GFLOP/s of plain matmuls with the shapes the preset's blocks multiply: the most its matmuls could reach here."""
+    frames = int(round(seconds * config.sample_rate)) // config.stride
+    rows, chunks, head = batch * frames, -(-frames // config.chunk_size), config.dim // config.num_heads
+    shapes = {  # name -> (batch of products, m, k, n)
+        "feed-forward in": (1, rows, config.dim, config.ff_dim),
+        "feed-forward out": (1, rows, config.ff_dim, config.dim),
+        "q, k, v projections": (1, rows, config.dim, 3 * config.dim),
+        "intra-chunk scores": (batch * chunks * config.num_heads, config.chunk_size, head, config.chunk_size),
+        "inter-chunk scores": (batch * config.chunk_size * config.num_heads, chunks, head, chunks),
+    }
+    rates = {}
+    for name, (b, m, k, n) in shapes.items():
+        left = jax.random.normal(jax.random.key(0), (b, m, k))
+        right = jax.random.normal(jax.random.key(1), (b, k, n))
+        seconds_taken = best_time(jax.jit(lambda x, y: jnp.einsum("bmk,bkn->bmn", x, y)), left, right, repeats=repeats)
+        rates[f"{name} {b} x ({m}x{k})({k}x{n})"] = 2 * b * m * k * n / seconds_taken / 1e9
+    return rates
+
+
 def without_ff(block):
     """The same dual-path block with both feed-forwards replaced by the identity (no FLOPs)."""
     identity = eqx.nn.Lambda(lambda v: v)
@@ -155,6 +175,12 @@ def main():
             rate = flops / seconds / 1e9 if seconds > 0 else float("nan")
             print(f"  {part:>14} | {flops / 1e9:>8.3f} | {flops / total_flops:>6.1%} | {seconds * 1e3:>24.1f} | "
                   f"{seconds / total_time:>6.1%} | {rate:>8.1f}")
+    print("\nThe ceiling the shapes set: plain jitted matmuls of the sizes each preset's blocks multiply, timed alone.")
+    for name in presets:
+        batch, seconds = WORKLOAD[name]
+        print(f"  {name} (batch {batch} x {seconds} s):")
+        for shape, rate in shaped_matmul_rates(PRESETS[name], batch, seconds).items():
+            print(f"    {shape:>52} | {rate:7.1f} GFLOP/s | {rate / peak:5.2f} of peak")
 
 
 if __name__ == "__main__":
