@@ -2,7 +2,7 @@
 fixed training times, and print when each first reaches the target (default +5 dB mean over the parts).
 
     python benchmarks/bench_time_to_quality.py [--budget-minutes 36] [--eval-every 60] [--recipes baseline,fast]
-                                               [--stop-minutes fast=16] [--save results/time_to_quality.json]
+                                               [--stop-minutes fast=16] [--save benchmarks/results/time_to_quality.json]
     python benchmarks/bench_time_to_quality.py --speed-only        # steps/s, GFLOP/s and memory, no training to quality
 
 Each recipe runs in its own process (its peak memory is its own), one after the other, on the `book` corpus
@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -143,9 +144,6 @@ def main() -> None:
                                 stops.get(name, args.budget_minutes * 60)) for name in names}
     if args.save:
         from sepreformer_book.data import atomic_write
-
-        from dataclasses import asdict
-
         from sepreformer_book.model import PRESETS
 
         record = dict(arguments=vars(args) | {"save": str(args.save)}, matmul_peak_gflops=peak,
