@@ -38,13 +38,13 @@ RECIPES = {
 CASE = r"""
 import json, resource, sys, time
 import warnings
-import equinox as eqx, jax, jax.numpy as jnp, numpy as np
+import equinox as eqx, jax
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU cannot reuse every donated buffer
 from dataclasses import replace
 from sepreformer_book.config import active_profile
 from sepreformer_book.data import JaCappellaDataset, ensure_corpus
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.train import OptimizerConfig, make_optimizer, mean_over_active, step
+from sepreformer_book.train import OptimizerConfig, make_optimizer, step
 from sepreformer_book.training import corpus_iterator, validate, validation_batches
 
 recipe, budget_s, eval_every_s, speed_only = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
