@@ -32,9 +32,9 @@ PROFILES: dict[str, Profile] = {
     "ci": Profile("ci", sample_rate=8000, segment_seconds=0.5, batch_size=2,
                   corpus_songs=6, corpus_seconds=4.0, overfit_steps=30),
     "book": Profile("book", sample_rate=8000, segment_seconds=1.0, batch_size=2,
-                    corpus_songs=40, corpus_seconds=20.0, overfit_steps=1400),
+                    corpus_songs=120, corpus_seconds=20.0, overfit_steps=1400),
     "full": Profile("full", sample_rate=44100, segment_seconds=2.0, batch_size=1,
-                    corpus_songs=120, corpus_seconds=40.0, overfit_steps=200),
+                    corpus_songs=300, corpus_seconds=40.0, overfit_steps=200),
 }
 
 
