@@ -146,8 +146,15 @@ def main() -> None:
         from sepreformer_book.data import atomic_write
         from sepreformer_book.model import PRESETS
 
+        from sepreformer_book.config import active_profile
+        from sepreformer_book.data import synthetic_corpus_root
+
+        manifest = json.loads((synthetic_corpus_root(active_profile("book")) / "corpus.json").read_text())
+        corpus = {key: manifest[key] for key in ("songs", "seconds", "seed")}
+        corpus["split"] = {name: len(songs) for name, songs in manifest["split"].items()}
         record = dict(arguments=vars(args) | {"save": str(args.save)}, matmul_peak_gflops=peak,
                       base_preset=asdict(PRESETS["book"]),  # what each recipe's model overrides apply to
+                      corpus=corpus,  # the book corpus the recipes trained and were scored on
                       cpu_count=os.cpu_count(), recipes={name: RECIPES[name] for name in names}, results=results,
                       finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         args.save.parent.mkdir(parents=True, exist_ok=True)
