@@ -232,6 +232,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                            'sepreformer_book.training._manager': ('training.html#_manager', 'sepreformer_book/training.py'),
                                            'sepreformer_book.training._read_jsonl': ( 'training.html#_read_jsonl',
                                                                                       'sepreformer_book/training.py'),
+                                           'sepreformer_book.training._round_floats': ( 'training.html#_round_floats',
+                                                                                        'sepreformer_book/training.py'),
                                            'sepreformer_book.training._truncate_jsonl': ( 'training.html#_truncate_jsonl',
                                                                                           'sepreformer_book/training.py'),
                                            'sepreformer_book.training.build_parser': ( 'training.html#build_parser',

@@ -1,4 +1,5 @@
 """Tests of sepreformer_book.training: corpus batches, validation, checkpoints, resume, data parallelism, CLI."""
+import json
 import signal
 import subprocess
 import sys
@@ -186,7 +187,14 @@ def test_publish_run_copies_the_best_model_with_a_readme(uninterrupted, tmp_path
     assert all(np.array_equal(a, b) for a, b in zip(leaves(model), leaves(best)))
     readme = (dest / "README.md").read_text()
     assert "python -m sepreformer_book.training --x" in readme and f"step {meta['step']}" in readme
-    assert (dest / "metrics.jsonl").is_file() and not any(p.name.startswith("opt_state") for p in dest.rglob("*"))
+    assert not any(p.name.startswith("opt_state") for p in dest.rglob("*"))
+    shipped_log = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
+    run_log = [json.loads(line) for line in (uninterrupted.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in shipped_log] == [r["step"] for r in run_log]  # every step, rounded
+    for shipped, original in zip(shipped_log, run_log):
+        values = [(a, b) for a, b in zip(shipped["si_sdr"] + [shipped["loss"]], original["si_sdr"] + [original["loss"]])]
+        assert all((a is None) == (b is None) for a, b in values)  # inactive parts stay null
+        np.testing.assert_allclose(*zip(*[(a, b) for a, b in values if a is not None]), rtol=1e-4)
     publish_run(uninterrupted.out, dest, command="again")  # replacing an existing copy
     assert "again" in (dest / "README.md").read_text() and not dest.with_name("shipped.staging").exists()
 
