@@ -143,11 +143,9 @@ def main() -> None:
     results = {name: run_recipe(name, args.budget_minutes * 60, args.eval_every, args.speed_only,
                                 stops.get(name, args.budget_minutes * 60)) for name in names}
     if args.save:
-        from sepreformer_book.data import atomic_write
-        from sepreformer_book.model import PRESETS
-
         from sepreformer_book.config import active_profile
-        from sepreformer_book.data import synthetic_corpus_root
+        from sepreformer_book.data import atomic_write, synthetic_corpus_root
+        from sepreformer_book.model import PRESETS
 
         manifest = json.loads((synthetic_corpus_root(active_profile("book")) / "corpus.json").read_text())
         corpus = {key: manifest[key] for key in ("songs", "seconds", "seed")}

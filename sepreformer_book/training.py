@@ -61,7 +61,7 @@ class RunConfig:
 
 RUN_DEFAULTS: dict[str, dict] = {  # per profile, on top of the profile's batch size and segment length
     "ci": dict(steps=24, warmup_steps=4, valid_every=12, valid_segments=4, checkpoint_every=12, audio_every=12),
-    # book: the "fast" recipe of the time-to-quality benchmark below, run for about 70 minutes on a 2-core CPU
+    # book: the "fast" recipe of the time-to-quality benchmark below, run for about 75 minutes on a 2-core CPU
     "book": dict(steps=20_000, learning_rate=2e-3, warmup_steps=50, valid_every=500, valid_segments=32,
                  checkpoint_every=500),
     "full": dict(steps=200_000, warmup_steps=2000, valid_every=2000, valid_segments=64, checkpoint_every=2000,

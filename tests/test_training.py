@@ -192,7 +192,7 @@ def test_publish_run_copies_the_best_model_with_a_readme(uninterrupted, tmp_path
     run_log = [json.loads(line) for line in (uninterrupted.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in shipped_log] == [r["step"] for r in run_log]  # every step, rounded
     for shipped, original in zip(shipped_log, run_log):
-        values = [(a, b) for a, b in zip(shipped["si_sdr"] + [shipped["loss"]], original["si_sdr"] + [original["loss"]])]
+        values = list(zip(shipped["si_sdr"] + [shipped["loss"]], original["si_sdr"] + [original["loss"]]))
         assert all((a is None) == (b is None) for a, b in values)  # inactive parts stay null
         np.testing.assert_allclose(*zip(*[(a, b) for a, b in values if a is not None]), rtol=1e-4)
     publish_run(uninterrupted.out, dest, command="again")  # replacing an existing copy
