@@ -18,7 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from sepreformer_book.conv import padded_length
+from sepreformer_book.conv import frame_count, padded_length
 from sepreformer_book.model import PRESETS, SepReformer, parameter_count
 
 # (batch, seconds of audio per item) for each preset; full uses a shortened segment to stay within a few minutes
@@ -53,9 +53,10 @@ def matmul_peak(size=2048, repeats=5):
     return 2 * size**3 / seconds / 1e9
 
 
-def shaped_matmul_rates(config, batch, seconds, repeats=5):
+def shaped_matmul_rates(config, batch, seconds, repeats=50):  # each takes about a millisecond: many repeats
     """GFLOP/s of plain matmuls with the shapes the preset's blocks multiply: the most its matmuls could reach here."""
-    frames = int(round(seconds * config.sample_rate)) // config.stride
+    samples = int(round(seconds * config.sample_rate))
+    frames = frame_count(padded_length(samples, config.kernel_size, config.stride), config.kernel_size, config.stride)
     rows, chunks, head = batch * frames, -(-frames // config.chunk_size), config.dim // config.num_heads
     shapes = {  # name -> (batch of products, m, k, n)
         "feed-forward in": (1, rows, config.dim, config.ff_dim),
