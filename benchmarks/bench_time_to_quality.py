@@ -144,10 +144,10 @@ def main() -> None:
                                 stops.get(name, args.budget_minutes * 60)) for name in names}
     if args.save:
         from sepreformer_book.config import active_profile
-        from sepreformer_book.data import atomic_write, synthetic_corpus_root
+        from sepreformer_book.data import CORPUS_MARKER, atomic_write, synthetic_corpus_root
         from sepreformer_book.model import PRESETS
 
-        manifest = json.loads((synthetic_corpus_root(active_profile("book")) / "corpus.json").read_text())
+        manifest = json.loads((synthetic_corpus_root(active_profile("book")) / CORPUS_MARKER).read_text())
         corpus = {key: manifest[key] for key in ("songs", "seconds", "seed")}
         corpus["split"] = {name: len(songs) for name, songs in manifest["split"].items()}
         record = dict(arguments=vars(args) | {"save": str(args.save)}, matmul_peak_gflops=peak,

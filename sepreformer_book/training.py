@@ -509,8 +509,8 @@ def publish_run(run_dir: str | os.PathLike, dest: str | os.PathLike, command: st
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(best_root, staging)
     shutil.copy2(run_dir / "validation.jsonl", staging / "validation.jsonl")
-    with open(run_dir / "metrics.jsonl") as source, open(staging / "metrics.jsonl", "w") as target:
-        target.writelines(json.dumps(_round_floats(json.loads(line), LOG_DIGITS)) + "\n" for line in source)
+    (staging / "metrics.jsonl").write_text(
+        "".join(json.dumps(_round_floats(r, LOG_DIGITS)) + "\n" for r in _read_jsonl(run_dir / "metrics.jsonl")))
     profile = active_profile(best["profile"])
     data = f"the corpus at {best['data_root']}"
     if Path(best["data_root"]).resolve() == synthetic_corpus_root(profile).resolve():

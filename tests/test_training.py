@@ -1,5 +1,4 @@
 """Tests of sepreformer_book.training: corpus batches, validation, checkpoints, resume, data parallelism, CLI."""
-import json
 import signal
 import subprocess
 import sys
@@ -188,8 +187,7 @@ def test_publish_run_copies_the_best_model_with_a_readme(uninterrupted, tmp_path
     readme = (dest / "README.md").read_text()
     assert "python -m sepreformer_book.training --x" in readme and f"step {meta['step']}" in readme
     assert not any(p.name.startswith("opt_state") for p in dest.rglob("*"))
-    shipped_log = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
-    run_log = [json.loads(line) for line in (uninterrupted.out / "metrics.jsonl").read_text().splitlines()]
+    shipped_log, run_log = _read_jsonl(dest / "metrics.jsonl"), _read_jsonl(uninterrupted.out / "metrics.jsonl")
     assert [r["step"] for r in shipped_log] == [r["step"] for r in run_log]  # every step, rounded
     for shipped, original in zip(shipped_log, run_log):
         values = list(zip(shipped["si_sdr"] + [shipped["loss"]], original["si_sdr"] + [original["loss"]]))
