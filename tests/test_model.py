@@ -11,10 +11,11 @@ from jaxtyping import Array, Float, TypeCheckError, jaxtyped
 
 from sepreformer_book.conv import Decoder, Encoder, frame_count, padded_length
 from sepreformer_book.dual_path import (DualPathBlock, TransformerBlock, apply_rowwise, chunk_validity,
-                                        dual_path_reference, feedforward)
+                                        dual_path_reference, feedforward, rope_attention, rope_attention_reference,
+                                        rope_tables)
 from sepreformer_book.model import (PRESETS, ModelConfig, SepReformer, SplitLayer, forward_flops, model_config_for,
                                     parameter_count)
-from sepreformer_book.snake import Snake, snake
+from sepreformer_book.snake import Snake, reduced_sin_cos, snake
 
 CI = PRESETS["ci"]
 
@@ -57,6 +58,25 @@ def test_snake_matches_definition_and_is_safe_at_zero_alpha():
         value, grad = jax.value_and_grad(lambda a: jnp.sum(snake(x, a)))(jnp.float32(alpha))
         assert np.isfinite(value) and np.isfinite(grad)
         np.testing.assert_allclose(grad, jnp.sum(x**2), rtol=1e-4)  # d/da sin^2(ax)/a -> x^2 as a -> 0
+
+
+def test_reduced_sin_cos_gives_sin_squared_and_sin_2z_to_float32_accuracy():
+    z = jnp.linspace(-1000, 1000, 200_001, dtype=jnp.float32)
+    z64 = np.asarray(z, np.float64)
+    sin_r, cos_r = (np.asarray(v, np.float64) for v in jaxtyped(typechecker=beartype)(reduced_sin_cos)(z))
+    assert np.max(np.abs(sin_r**2 - np.sin(z64) ** 2)) < 1e-6
+    assert np.max(np.abs(2 * sin_r * cos_r - np.sin(2 * z64))) < 1e-6
+
+
+def test_snake_hand_written_derivatives_match_autodiff_of_the_textbook_form():
+    x = jax.random.normal(jax.random.key(0), (50, 4)) * 3
+    alpha = jnp.array([0.3, 1.0, 2.5, -1.5], jnp.float32)
+    textbook = lambda v, a: jnp.sum(jnp.tanh(v + jnp.sin(a * v) ** 2 / a))  # a non-linear loss on top
+    ours = lambda v, a: jnp.sum(jnp.tanh(jaxtyped(typechecker=beartype)(snake)(v, a)))
+    for got, want in zip(jax.grad(ours, (0, 1))(x, alpha), jax.grad(textbook, (0, 1))(x, alpha)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    second = jax.grad(lambda v: jnp.sum(jax.grad(lambda u: jnp.sum(snake(u, alpha)))(v)))(x)  # d2/dx2 = 2 alpha cos 2 alpha x
+    np.testing.assert_allclose(second, 2 * alpha * jnp.cos(2 * alpha * x), atol=1e-4)
 
 
 def test_snake_per_channel_alpha_dtype():
@@ -192,11 +212,47 @@ def test_config_validation_messages():
         SepReformer("book", key=jax.random.key(0))
 
 
-def test_apply_rowwise_equals_vmap_in_value_and_gradient():
-    ff = feedforward(16, 32, key=jax.random.key(0))
-    frames = jax.random.normal(jax.random.key(1), (37, 16))
-    np.testing.assert_allclose(apply_rowwise(ff, frames), jax.vmap(ff)(frames), atol=1e-6)
-    loss = lambda apply: eqx.filter_grad(lambda layer, x: jnp.sum(apply(layer, x) ** 2))(ff, frames)
-    rowwise, vmapped = loss(apply_rowwise), loss(lambda layer, x: jax.vmap(layer)(x))
-    for a, b in zip(jax.tree_util.tree_leaves(rowwise), jax.tree_util.tree_leaves(vmapped)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+def _assert_trees_close(a, b, **tolerances):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(x, y, **tolerances)
+
+
+@pytest.mark.parametrize("layer", [feedforward(16, 32, key=jax.random.key(0)), eqx.nn.LayerNorm(16),
+                                   eqx.nn.LayerNorm(16, use_weight=False, use_bias=False)],
+                         ids=["feedforward", "layernorm", "bare-layernorm"])
+def test_apply_rowwise_equals_vmap_in_value_and_gradient(layer):
+    layer = jax.tree_util.tree_map(lambda v: v + 0.1 * jnp.arange(v.size, dtype=v.dtype).reshape(v.shape) / v.size,
+                                   layer)  # not the initial all-ones/zeros weights, which would hide a transposition
+    frames = jax.random.normal(jax.random.key(1), (37, 16)) * 2 + 0.5
+    checked = jaxtyped(typechecker=beartype)(apply_rowwise)
+    np.testing.assert_allclose(checked(layer, frames), jax.vmap(layer)(frames), atol=1e-5)
+    loss = lambda apply: eqx.filter_grad(lambda m, x: jnp.sum(jnp.sin(apply(m, x))))(layer, frames)
+    if jax.tree_util.tree_leaves(eqx.filter(layer, eqx.is_array)):
+        _assert_trees_close(loss(apply_rowwise), loss(lambda m, x: jax.vmap(m)(x)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [0, 3])
+def test_rope_attention_equals_equinox_attention_with_rope_in_process_heads(padded):
+    block = TransformerBlock(16, 2, 32, key=jax.random.key(2))
+    frames = jax.random.normal(jax.random.key(3), (11, 16))
+    valid = None if not padded else jnp.arange(11) < 11 - padded
+    ours = jaxtyped(typechecker=beartype)(rope_attention)
+    np.testing.assert_allclose(ours(block.attn, frames, valid), rope_attention_reference(block.attn, block.rope, frames, valid),
+                               atol=1e-5)
+    grad = lambda f: eqx.filter_grad(lambda a, x: jnp.sum(jnp.sin(f(a, x))))(block.attn, frames)
+    _assert_trees_close(grad(lambda a, x: rope_attention(a, x, valid)),
+                        grad(lambda a, x: rope_attention_reference(a, block.rope, x, valid)), rtol=1e-4, atol=1e-5)
+    if padded:  # a padded key changes nothing
+        moved = frames.at[-1].set(100.0)
+        np.testing.assert_allclose(rope_attention(block.attn, moved, valid)[:-padded],
+                                   rope_attention(block.attn, frames, valid)[:-padded], atol=1e-5)
+
+
+def test_rope_tables_match_equinox_rotary_embedding():
+    rope = eqx.nn.RotaryPositionalEmbedding(8)
+    x = jax.random.normal(jax.random.key(4), (20, 8))
+    cos, sin = jaxtyped(typechecker=beartype)(rope_tables)(20, 8, rope.theta)
+    turned = jnp.concatenate([-x[:, 4:], x[:, :4]], axis=-1)
+    np.testing.assert_allclose(x * cos + turned * sin, rope(x), atol=1e-5)
