@@ -46,7 +46,7 @@ def jit_module(module, call=lambda m, x: m(x)):
     return params, jax.jit(lambda p, x: call(eqx.combine(p, static), x))
 
 
-def matmul_peak(size=2048, repeats=5):
+def matmul_peak(size=2048, repeats=10):
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
     seconds = best_time(jax.jit(jnp.dot), a, b, repeats=repeats)
@@ -146,7 +146,7 @@ def main():
         parser.error(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
     print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores")
     peak = matmul_peak()
-    print(f"dense float32 matmul peak (2048x2048, jitted, best of 5): {peak:.1f} GFLOP/s\n")
+    print(f"dense float32 matmul peak (2048x2048, jitted, best of 10): {peak:.1f} GFLOP/s\n")
     results = []
     for name in presets:
         start = time.perf_counter()

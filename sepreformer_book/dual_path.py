@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['feedforward', 'apply_rowwise', 'rope_tables', 'rope_attention', 'rope_attention_reference', 'TransformerBlock',
-           'chunk_validity', 'DualPathBlock', 'dual_path_reference']
+           'chunk_validity', 'DualPathBlock', 'dual_path_reference', 'ThroughEquinox']
 
 # %% ../chapters/04_dual_path.ipynb #d929c0b5
 """Transformer block with RoPE, Snake feed-forward and LayerScale; dual-path chunked attention (generated from chapters/04_dual_path.ipynb)."""
@@ -185,3 +185,16 @@ def dual_path_reference(block: DualPathBlock, x: Float[Array, "L C"]) -> Float[A
     for slot in range(min(size, num_frames)):  # inter: frames slot, slot + K, slot + 2K, ...
         out[slot::size] = np.asarray(apply(block.inter_block, jnp.asarray(out[slot::size])))
     return jnp.asarray(out)
+
+# %% ../chapters/04_dual_path.ipynb #38775fc0
+class ThroughEquinox(eqx.Module):
+    """A TransformerBlock's weights run through Equinox's attention call and vmapped LayerNorm: the same numbers, for
+    timing the block against (benchmarks/bench_levers.py times the whole model both ways)."""
+
+    block: TransformerBlock
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(self, x: Float[Array, "S D"], valid: Bool[Array, " S"] | None = None) -> Float[Array, "S D"]:
+        b = self.block
+        x = x + b.scale1 * rope_attention_reference(b.attn, b.rope, jax.vmap(b.norm1)(x), valid)
+        return x + b.scale2 * apply_rowwise(b.ff, jax.vmap(b.norm2)(x))

@@ -11,8 +11,8 @@ from jaxtyping import Array, Float, TypeCheckError, jaxtyped
 
 from sepreformer_book.conv import Decoder, Encoder, frame_count, padded_length
 from sepreformer_book.dual_path import (DualPathBlock, TransformerBlock, apply_rowwise, chunk_validity,
-                                        dual_path_reference, feedforward, rope_attention, rope_attention_reference,
-                                        rope_tables)
+                                        ThroughEquinox, dual_path_reference, feedforward, rope_attention,
+                                        rope_attention_reference, rope_tables)
 from sepreformer_book.model import (PRESETS, ModelConfig, SepReformer, SplitLayer, forward_flops, model_config_for,
                                     parameter_count)
 from sepreformer_book.snake import Snake, reduced_sin_cos, snake
@@ -248,6 +248,15 @@ def test_rope_attention_equals_equinox_attention_with_rope_in_process_heads(padd
         moved = frames.at[-1].set(100.0)
         np.testing.assert_allclose(rope_attention(block.attn, moved, valid)[:-padded],
                                    rope_attention(block.attn, frames, valid)[:-padded], atol=1e-5)
+
+
+def test_through_equinox_computes_the_same_block():
+    block = TransformerBlock(16, 2, 32, key=jax.random.key(5), layer_scale=1.0)
+    frames = jax.random.normal(jax.random.key(6), (3, 9, 16))
+    valid = jnp.arange(9) < 7
+    wrapped = ThroughEquinox(block)
+    np.testing.assert_allclose(jax.vmap(wrapped, (0, None))(frames, valid), jax.vmap(block, (0, None))(frames, valid),
+                               atol=1e-5)
 
 
 def test_rope_tables_match_equinox_rotary_embedding():
