@@ -1,11 +1,15 @@
-"""What each speed change bought: the book preset's training step with and without the reduced-sine Snake and the
-fused attention, timed side by side.
+"""What each speed change bought, and how far the book preset's training step could go: the step with and without
+the reduced-sine Snake and the fused attention, and with whole parts of the network removed, timed side by side.
 
 Run: python benchmarks/bench_levers.py [--rounds 15] [--save]
-All four programs are compiled first, then timed in turns (one step of each per round), so that every variant sees
-the same machine state; the table reports medians. The 'before' variants compute the same function the old way:
-Snake as x + sin^2(alpha x) / alpha with jnp.sin, and attention and LayerNorm through Equinox's own calls
-(`ThroughEquinox`). --save writes benchmarks/results/levers.json, which chapter 8 prints.
+All programs are compiled first, then timed in turns (one step of each per round), so that every variant sees the same
+machine state; the table reports medians and the fraction of a dense matmul peak measured in the same run.
+- levers: the same function computed the old way or the new way: Snake as x + sin^2(alpha x) / alpha with jnp.sin,
+  attention and LayerNorm through Equinox's own calls (`ThroughEquinox`);
+- bounds: not the same function. Starting from the current model, remove the attention scores (keep the q, k, v and
+  output projections), then Snake, then LayerNorm. What is left is dense layers and residual adds: its fraction of
+  the peak bounds what any cleverer attention or activation could reach at this width.
+--save writes benchmarks/results/levers.json, which chapter 8 prints.
 """
 
 import argparse
@@ -20,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sepreformer_book.dual_path import ThroughEquinox, TransformerBlock
+from bench_model import matmul_peak  # this folder is on sys.path when the script runs
+from sepreformer_book.dual_path import ThroughEquinox, TransformerBlock, apply_rowwise
 from sepreformer_book.model import PRESETS, SepReformer
 from sepreformer_book.snake import Snake
 
@@ -34,6 +39,34 @@ class JnpSinSnake(eqx.Module):
 
     def __call__(self, x):
         return x + jnp.sin(self.alpha * x) ** 2 / self.alpha
+
+
+class DenseOnlyBlock(eqx.Module):
+    """A TransformerBlock's dense layers alone: its q, k, v and output projections with no attention between them."""
+
+    block: TransformerBlock
+    normalise: bool = eqx.field(static=True)
+
+    def __call__(self, x, valid=None):
+        b, attn = self.block, self.block.attn
+        norm = (lambda layer, v: apply_rowwise(layer, v)) if self.normalise else (lambda layer, v: v)
+        q, k, v = jnp.split(norm(b.norm1, x) @ jnp.concatenate([attn.query_proj.weight, attn.key_proj.weight,
+                                                                   attn.value_proj.weight]).T, 3, axis=-1)
+        x = x + b.scale1 * apply_rowwise(attn.output_proj, q + k + v)
+        return x + b.scale2 * apply_rowwise(b.ff, norm(b.norm2, x))
+
+
+BOUNDS = {  # name -> (replace Snake by the identity?, keep LayerNorm?)
+    "fused, attention scores removed": (False, True),
+    "  and Snake removed": (True, True),
+    "  and LayerNorm removed": (True, False),
+}
+
+
+def bound_variant(model, *, drop_snake: bool, normalise: bool):
+    if drop_snake:
+        model = replace(model, Snake, lambda s: eqx.nn.Identity())
+    return replace(model, TransformerBlock, lambda b: DenseOnlyBlock(b, normalise))
 
 
 def replace(tree, kind, make):
@@ -74,22 +107,32 @@ def main():
     print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores; preset {args.preset}, "
           f"batch {args.batch} x {args.seconds:g} s")
 
-    programs, outputs = {}, {}
+    peak = matmul_peak()
+    print(f"dense float32 matmul peak (2048x2048, jitted, best of 10): {peak:.1f} GFLOP/s")
+
+    def compile_step(tree):
+        params, static = eqx.partition(tree, eqx.is_array)
+        loss = lambda p, x: jnp.mean(jnp.square(jax.vmap(eqx.combine(p, static))(x)))
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(params, mixture).compile()
+        return compiled, params, float(compiled.cost_analysis()["flops"])
+
+    programs, kinds, outputs = {}, {}, {}
     for reduced_snake in (False, True):
         for fused_attention in (False, True):
             name = f"Snake {'reduced sine' if reduced_snake else 'jnp.sin'}, attention {'fused' if fused_attention else 'through Equinox'}"
             swapped = variant(model, reduced_snake=reduced_snake, fused_attention=fused_attention)
             counts = {kind.__name__: count(swapped, kind) for kind in (JnpSinSnake, ThroughEquinox)}
             assert (counts["JnpSinSnake"] > 0) != reduced_snake and (counts["ThroughEquinox"] > 0) != fused_attention
-            params, static = eqx.partition(swapped, eqx.is_array)
-            loss = lambda p, x, static=static: jnp.mean(jnp.square(jax.vmap(eqx.combine(p, static))(x)))
-            compiled = jax.jit(jax.value_and_grad(loss)).lower(params, mixture).compile()
-            programs[name] = (compiled, params, float(compiled.cost_analysis()["flops"]))
+            programs[name], kinds[name] = compile_step(swapped), "lever"
             # LayerScale 1 for the comparison only: at its initial 1e-4 the blocks barely change the output
             outputs[name] = jax.vmap(loud(swapped))(mixture)
+    for name, (drop_snake, normalise) in BOUNDS.items():
+        stripped = bound_variant(model, drop_snake=drop_snake, normalise=normalise)
+        assert count(stripped, DenseOnlyBlock) > 0 and (count(stripped, Snake) == 0) == drop_snake
+        programs[name], kinds[name] = compile_step(stripped), "bound"
     reference = next(iter(outputs.values()))
     max_gap = max(float(jnp.max(jnp.abs(out - reference))) for out in outputs.values())
-    print(f"all variants compute the same separation: max |difference| {max_gap:.1e}")
+    print(f"the four lever variants compute the same separation: max |difference| {max_gap:.1e}")
     assert max_gap < 1e-5
 
     seconds = {name: [] for name in programs}
@@ -103,19 +146,21 @@ def main():
 
     before = next(iter(programs))
     rows = []
-    print(f"\n{'variant':>48} | {'median ms':>9} | {'min ms':>7} | {'GFLOP':>6} | {'speed-up':>8}")
+    print(f"\n{'kind':>5} | {'variant':>45} | {'median ms':>9} | {'GFLOP':>6} | {'GFLOP/s':>7} | {'of peak':>7} | "
+          f"{'speed-up':>8}")
     for name, times in seconds.items():
         median = float(np.median(times))
-        row = {"variant": name, "median_s": median, "min_s": float(min(times)), "flops": programs[name][2],
-               "speedup": float(np.median(seconds[before])) / median}
+        flops = programs[name][2]
+        row = {"kind": kinds[name], "variant": name, "median_s": median, "min_s": float(min(times)), "flops": flops,
+               "of_peak": flops / median / 1e9 / peak, "speedup": float(np.median(seconds[before])) / median}
         rows.append(row)
-        print(f"{name:>48} | {median * 1e3:9.1f} | {row['min_s'] * 1e3:7.1f} | {row['flops'] / 1e9:6.2f} | "
-              f"{row['speedup']:7.2f}x")
+        print(f"{row['kind']:>5} | {name:>45} | {median * 1e3:9.1f} | {flops / 1e9:6.2f} | {flops / median / 1e9:7.1f} | "
+              f"{row['of_peak']:7.2f} | {row['speedup']:7.2f}x")
     if args.save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         result = {"finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "jax": jax.__version__,
                   "cpu_count": os.cpu_count(), "preset": args.preset, "batch": args.batch, "seconds": args.seconds,
-                  "rounds": args.rounds, "max_output_gap": max_gap, "rows": rows}
+                  "rounds": args.rounds, "matmul_peak_gflops": peak, "max_output_gap": max_gap, "rows": rows}
         tmp = RESULTS.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, RESULTS)
