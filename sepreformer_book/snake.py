@@ -15,7 +15,7 @@ from beartype import beartype
 from jaxtyping import Array, Float, PRNGKeyArray, jaxtyped
 
 # %% ../chapters/03_snake.ipynb #976481ac
-_PI_HIGH = 3.140625  # pi = _PI_HIGH + _PI_LOW; _PI_HIGH has 8 significant bits, so n * _PI_HIGH is exact in float32
+_PI_HIGH = 3.140625  # pi = _PI_HIGH + _PI_LOW; 8 significant bits, so n * _PI_HIGH is exact in float32 for |n| < 2**16
 _PI_LOW = math.pi - _PI_HIGH
 _SIN_TERMS = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(1, 6))  # coefficients of r^3, r^5, ..., r^11
 _COS_TERMS = tuple((-1) ** k / math.factorial(2 * k) for k in range(1, 7))  # coefficients of r^2, r^4, ..., r^12
@@ -31,7 +31,8 @@ def _horner(coefficients: tuple[float, ...], r2: Float[Array, "*shape"]) -> Floa
 
 
 def reduced_sin_cos(z: Float[Array, "*shape"]) -> tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
-    """sin r and cos r for r = z - n pi, n = round(z / pi): exact up to the sign (-1)^n, which sin^2 and sin cos drop.
+    """sin r and cos r for r = z - n pi, n = round(z / pi): sin z and cos z to float32 accuracy up to the sign (-1)^n,
+    which sin^2 z and sin z cos z do not see.
 
     Multiply-adds only: XLA's CPU sin is a per-element library call, these polynomials vectorise.
     """
