@@ -551,6 +551,9 @@ def read_wav(path: Path, sample_rate: int) -> Float[np.ndarray, "samples"]:
         audio, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as error:  # libsndfile's errors name neither the fix nor always the file
         raise CorpusError(f"{path} is not a readable WAV file ({error}). Re-copy or regenerate it.") from None
+    if audio.shape[0] == 0:
+        raise CorpusError(f"{path} holds no samples (a WAV header without audio). Re-copy or regenerate this file, "
+                          "or delete it to treat the part as missing.")
     if not np.all(np.isfinite(audio)):
         raise CorpusError(f"{path} holds NaN or Inf samples. Regenerate or re-export this file.")
     audio = audio.mean(axis=1)  # stereo -> mono by averaging, not by keeping channel 0
