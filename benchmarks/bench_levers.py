@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_model import matmul_peak  # this folder is on sys.path when the script runs
-from sepreformer_book.dual_path import ThroughEquinox, TransformerBlock, apply_rowwise
+from sepreformer_book.dual_path import ThroughEquinox, TransformerBlock, apply_rowwise, project_qkv
 from sepreformer_book.model import PRESETS, SepReformer
 from sepreformer_book.snake import Snake
 
@@ -50,8 +50,7 @@ class DenseOnlyBlock(eqx.Module):
     def __call__(self, x, valid=None):
         b, attn = self.block, self.block.attn
         norm = (lambda layer, v: apply_rowwise(layer, v)) if self.normalise else (lambda layer, v: v)
-        q, k, v = jnp.split(norm(b.norm1, x) @ jnp.concatenate([attn.query_proj.weight, attn.key_proj.weight,
-                                                                   attn.value_proj.weight]).T, 3, axis=-1)
+        q, k, v = project_qkv(attn, norm(b.norm1, x))
         x = x + b.scale1 * apply_rowwise(attn.output_proj, q + k + v)
         return x + b.scale2 * apply_rowwise(b.ff, norm(b.norm2, x))
 

@@ -106,6 +106,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'sepreformer_book/dual_path.py'),
                                             'sepreformer_book.dual_path.feedforward': ( 'dual_path.html#feedforward',
                                                                                         'sepreformer_book/dual_path.py'),
+                                            'sepreformer_book.dual_path.project_qkv': ( 'dual_path.html#project_qkv',
+                                                                                        'sepreformer_book/dual_path.py'),
                                             'sepreformer_book.dual_path.rope_attention': ( 'dual_path.html#rope_attention',
                                                                                            'sepreformer_book/dual_path.py'),
                                             'sepreformer_book.dual_path.rope_attention_reference': ( 'dual_path.html#rope_attention_reference',

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, TypeCheckError, jaxtyped
 
 from sepreformer_book.conv import Decoder, Encoder, frame_count, padded_length
 from sepreformer_book.dual_path import (DualPathBlock, TransformerBlock, apply_rowwise, chunk_validity,
-                                        ThroughEquinox, dual_path_reference, feedforward, rope_attention,
+                                        ThroughEquinox, dual_path_reference, feedforward, project_qkv, rope_attention,
                                         rope_attention_reference, rope_tables)
 from sepreformer_book.model import (PRESETS, ModelConfig, SepReformer, SplitLayer, forward_flops, model_config_for,
                                     parameter_count)
@@ -239,6 +239,8 @@ def test_rope_attention_equals_equinox_attention_with_rope_in_process_heads(padd
     frames = jax.random.normal(jax.random.key(3), (11, 16))
     valid = None if not padded else jnp.arange(11) < 11 - padded
     ours = jaxtyped(typechecker=beartype)(rope_attention)
+    q, k, v = jaxtyped(typechecker=beartype)(project_qkv)(block.attn, frames)
+    np.testing.assert_allclose(v, jax.vmap(block.attn.value_proj)(frames), atol=1e-5)
     np.testing.assert_allclose(ours(block.attn, frames, valid), rope_attention_reference(block.attn, block.rope, frames, valid),
                                atol=1e-5)
     grad = lambda f: eqx.filter_grad(lambda a, x: jnp.sum(jnp.sin(f(a, x))))(block.attn, frames)
