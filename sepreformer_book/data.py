@@ -3,12 +3,13 @@
 # %% auto #0
 __all__ = ['STEM_NAMES', 'OPTIONAL_STEMS', 'ALL_STEMS', 'CORPUS_SAMPLE_RATE', 'TEST_LIST_NAME', 'VALID_LIST_NAME',
            'CORPUS_MARKER', 'SYNTH_SUBSET', 'CORPUS_VERSION', 'CHORALE_VOICES', 'VOWELS', 'FORMANT_GAINS',
-           'VOICE_DEFAULTS', 'DATA_ENV', 'JACAPPELLA_ENV', 'SILENCE_DB', 'Note', 'chorale_paths', 'read_chorale',
-           'tune_family', 'Voice', 'perturbed_voice', 'formant_response', 'smooth', 'render_voice', 'time_map',
-           'lead_line', 'beatbox', 'render_song', 'split_by_family', 'make_corpus', 'is_complete_corpus', 'data_home',
-           'synthetic_corpus_root', 'default_corpus_root', 'ensure_corpus', 'CorpusError', 'find_songs', 'split_songs',
-           'read_wav', 'default_cache_dir', 'atomic_write', 'cache_song', 'SongRef', 'JaCappellaDataset',
-           'read_segment', 'extract_segment', 'stack_items', 'batch_to_jax', 'loader', 'training_iterator', 'main']
+           'VOICE_DEFAULTS', 'CORPUS_KIND', 'DATA_ENV', 'JACAPPELLA_ENV', 'MIXTURE_NAME', 'MIXTURE_TOLERANCE_DB',
+           'SILENCE_DB', 'CorpusError', 'Note', 'chorale_paths', 'read_chorale', 'tune_family', 'Voice',
+           'perturbed_voice', 'formant_response', 'smooth', 'render_voice', 'time_map', 'lead_line', 'beatbox',
+           'render_song', 'split_by_family', 'make_corpus', 'is_complete_corpus', 'data_home', 'synthetic_corpus_root',
+           'default_corpus_root', 'ensure_corpus', 'find_songs', 'split_songs', 'read_wav', 'default_cache_dir',
+           'atomic_write', 'cache_song', 'SongRef', 'JaCappellaDataset', 'read_segment', 'extract_segment',
+           'stack_items', 'batch_to_jax', 'loader', 'training_iterator', 'main']
 
 # %% ../chapters/01_data.ipynb #935fa2d2
 """The data pipeline: jaCappella layout, the synthetic chorale corpus, cached segments and grain (generated from chapters/01_data.ipynb)."""
@@ -44,6 +45,10 @@ VALID_LIST_NAME = "valid_song_list.txt"  # ours: jaCappella has no official vali
 CORPUS_MARKER = "corpus.json"  # written last: a corpus without it is incomplete
 SYNTH_SUBSET = "bach_chorales"
 CORPUS_VERSION = 1  # bump when the renderer changes: ensure_corpus() then rebuilds old corpora
+
+# %% ../chapters/01_data.ipynb #4e63028c
+class CorpusError(ValueError):
+    """A corpus problem the reader can fix: the message names the file and what to do."""
 
 # %% ../chapters/01_data.ipynb #9d6c21a9
 @dataclass(frozen=True)
@@ -378,6 +383,44 @@ def split_by_family(songs: list[dict], test_fraction: float = 0.15, valid_fracti
         split[target] += members
     return {k: sorted(v) for k, v in split.items()}
 
+# %% ../chapters/01_data.ipynb #c0ffee02
+CORPUS_KIND = "synthetic Bach chorales"  # corpus.json's "kind": what marks a folder as ours to replace
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` the renderer did not write (empty for an empty folder or a pristine corpus of ours)."""
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return []
+    marker = folder / CORPUS_MARKER
+    try:
+        manifest = json.loads(marker.read_text()) if marker.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        manifest = {}
+    if manifest.get("kind") != CORPUS_KIND:
+        return entries  # not a corpus of ours: every entry is the reader's
+    ours = {CORPUS_MARKER, TEST_LIST_NAME, VALID_LIST_NAME, SYNTH_SUBSET, ".cache"}
+    foreign = [name for name in entries if name not in ours]
+    songs = {s for names in manifest.get("split", {}).values() for s in names}
+    subset = folder / SYNTH_SUBSET
+    if subset.is_dir():
+        foreign += [f"{SYNTH_SUBSET}/{p.name}" for p in sorted(subset.iterdir()) if p.name not in songs]
+    return foreign
+
+
+def _check_replaceable(out: Path) -> None:
+    """Raise CorpusError unless `out` is missing, empty, or a synthetic corpus holding only what we wrote."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CorpusError(f"{out} is a file, not a folder; make-corpus will not replace it. Choose another folder.")
+    foreign = _foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CorpusError(f"{out} holds files that make-corpus did not write ({shown}), so it will not replace that "
+                          f"folder; nothing was changed. Give make-corpus a new or empty folder, or move those files "
+                          f"away.")
+
 # %% ../chapters/01_data.ipynb #736192c9
 def make_corpus(out: str | os.PathLike, songs: int, seconds: float, seed: int = 0,
                 sample_rate: int = CORPUS_SAMPLE_RATE, vocal_percussion: bool = False,
@@ -385,7 +428,9 @@ def make_corpus(out: str | os.PathLike, songs: int, seconds: float, seed: int = 
     """Render `songs` Bach chorales into a jaCappella-layout corpus at `out`, atomically; returns `out`.
 
     The corpus is built in a temporary sibling directory and renamed into place only when complete, with
-    `corpus.json` written last, so an interrupted run never leaves something that looks like a corpus.
+    `corpus.json` written last, so an interrupted run never leaves something that looks like a corpus. An existing
+    `out` is replaced only when it is empty or a synthetic corpus holding nothing but what `make_corpus` wrote;
+    anything else is refused (`CorpusError`) before a song is rendered.
     """
     from multiprocessing import get_context
     from tqdm import tqdm
@@ -393,6 +438,7 @@ def make_corpus(out: str | os.PathLike, songs: int, seconds: float, seed: int = 
     out = Path(out).resolve()
     if songs < 1 or seconds <= 0:
         raise ValueError(f"make_corpus needs songs >= 1 and seconds > 0, got songs={songs}, seconds={seconds}.")
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
@@ -420,12 +466,13 @@ def make_corpus(out: str | os.PathLike, songs: int, seconds: float, seed: int = 
         split = split_by_family(made)
         (building / TEST_LIST_NAME).write_text("".join(f"{s}\n" for s in split["test"]))
         (building / VALID_LIST_NAME).write_text("".join(f"{s}\n" for s in split["valid"]))
-        manifest = {"kind": "synthetic Bach chorales", "version": CORPUS_VERSION, "songs": songs, "seconds": seconds, "seed": seed,
+        manifest = {"kind": CORPUS_KIND, "version": CORPUS_VERSION, "songs": songs, "seconds": seconds, "seed": seed,
                     "sample_rate": sample_rate, "vocal_percussion": vocal_percussion, "split": split,
                     "families": {m["song"]: m["family"] for m in made},
                     "build_seconds": round(time.perf_counter() - started, 2)}
         (building / CORPUS_MARKER).write_text(json.dumps(manifest, indent=1))
-        if out.exists():  # replace an old corpus only once the new one is whole
+        if out.exists():  # replace an old corpus (or an empty folder) only once the new one is whole
+            _check_replaceable(out)  # again: the folder may have changed while we rendered
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / "corpus")
             building.rename(out)
@@ -490,14 +537,15 @@ def ensure_corpus(profile: Profile | None = None, seed: int = 0, progress: bool 
         make_corpus(root, profile.corpus_songs, profile.corpus_seconds, seed=seed, progress=progress)
     return root
 
-# %% ../chapters/01_data.ipynb #4e63028c
-class CorpusError(ValueError):
-    """A corpus problem the reader can fix: the message names the file and what to do."""
-
 # %% ../chapters/01_data.ipynb #668d76c3
 def _make_hint(root: Path) -> str:
-    return (f"Generate the synthetic corpus with `python -m sepreformer_book.data make-corpus {root}` "
-            f"(or call ensure_corpus()), or set ${JACAPPELLA_ENV} to the unpacked jaCappella corpus.")
+    """What to do about a corpus root without songs; never a command that would replace the reader's files."""
+    if root.is_dir() and any(root.iterdir()):
+        make = "`python -m sepreformer_book.data make-corpus NEW_FOLDER` (a new or empty folder) and use that folder"
+    else:
+        make = f"`python -m sepreformer_book.data make-corpus {root}`"
+    return (f"Generate the synthetic corpus with {make} (or call ensure_corpus()), or set ${JACAPPELLA_ENV} to the "
+            f"unpacked jaCappella corpus.")
 
 # %% ../chapters/01_data.ipynb #6533b348
 def find_songs(root: Path) -> list[Path]:
@@ -585,7 +633,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 def _source_key(song: Path) -> dict:
     files = {}
-    for part in ALL_STEMS:
+    for part in (*ALL_STEMS, MIXTURE_NAME):
         path = song / f"{part}.wav"
         if path.exists():
             st = path.stat()
@@ -593,29 +641,41 @@ def _source_key(song: Path) -> dict:
     return files
 
 # %% ../chapters/01_data.ipynb #a6bd7a36
-def cache_song(song: Path, sample_rate: int, cache_dir: Path, manifest: dict) -> dict:
-    """Decode and resample all parts of `song` once into `<cache_dir>/<subset>__<song>.npy` (parts x samples).
+MIXTURE_NAME = "mixture"  # mixture.wav: the song as recorded, all its parts (vocal percussion too)
+MIXTURE_TOLERANCE_DB = -40.0  # mixture.wav may differ from the sum of the part files by this much (relative energy)
 
-    The manifest entry is reused while every part file keeps its size and mtime and the sample rate matches.
-    Parts of unequal length are padded to the longest, with a warning naming the song."""
+
+def cache_song(song: Path, sample_rate: int, cache_dir: Path, manifest: dict) -> dict:
+    """Decode and resample all parts of `song`, and its `mixture.wav`, once into
+    `<cache_dir>/<subset>__<song>__<rate>.npy` (one row per file, the mixture last).
+
+    The manifest entry is reused while every file keeps its size and mtime and the sample rate matches. Files of
+    unequal length are padded to the longest, with a warning naming the song. `mixture_error` is the energy of
+    mixture.wav minus the sum of the part files, relative to the mixture's (None without a mixture.wav)."""
     key = f"{song.parent.name}/{song.name}@{sample_rate}"
     sources = _source_key(song)
     entry = manifest.get(key)
     if entry and entry["sources"] == sources and (cache_dir / entry["file"]).is_file():
         return entry
-    parts = [p for p in ALL_STEMS if p in sources]
-    audio = [read_wav(song / f"{p}.wav", sample_rate) for p in parts]
+    files = [p for p in (*ALL_STEMS, MIXTURE_NAME) if p in sources]
+    audio = [read_wav(song / f"{p}.wav", sample_rate) for p in files]
     lengths = [a.size for a in audio]
     if len(set(lengths)) > 1:
-        detail = ", ".join(f"{p}={n}" for p, n in zip(parts, lengths))
+        detail = ", ".join(f"{p}={n}" for p, n in zip(files, lengths))
         warnings.warn(f"Song {song.parent.name}/{song.name}: parts differ in length ({detail} samples at "
                       f"{sample_rate} Hz); padding with silence to the longest.", stacklevel=2)
-    stack = np.zeros((len(parts), max(lengths)), dtype=np.float32)
+    stack = np.zeros((len(files), max(lengths)), dtype=np.float32)
     for i, a in enumerate(audio):
         stack[i, :a.size] = a
+    mixture_error = None
+    if files[-1] == MIXTURE_NAME and len(files) > 1:
+        mixture = stack[-1].astype(np.float64)
+        residual = mixture - stack[:-1].sum(axis=0, dtype=np.float64)
+        mixture_error = float(np.sum(residual**2) / max(np.sum(mixture**2), 1e-30))
     name = f"{song.parent.name}__{song.name}__{sample_rate}.npy"
     atomic_write(cache_dir / name, lambda f: np.save(f, stack))
-    entry = {"file": name, "sources": sources, "parts": parts, "length": int(stack.shape[1]), "sample_rate": sample_rate}
+    entry = {"file": name, "sources": sources, "parts": files, "length": int(stack.shape[1]),
+             "sample_rate": sample_rate, "mixture_error": mixture_error}
     manifest[key] = entry
     return entry
 
@@ -632,16 +692,34 @@ class SongRef:
     cache_file: str
     rows: tuple[int, ...]  # row in the cache file of each selected stem, -1 where the part is missing
     length: int
+    mixture_rows: tuple[int, ...] = ()  # rows that add up to the song's mixture: mixture.wav, else every part file
+
+# %% ../chapters/01_data.ipynb #c0ffee03
+def _mixture_rows(files: list[str]) -> tuple[int, ...]:
+    """Rows of a cache file (named by `files`) whose sum is the song's mixture."""
+    if MIXTURE_NAME in files:
+        return (files.index(MIXTURE_NAME),)
+    return tuple(i for i, name in enumerate(files) if name != MIXTURE_NAME)
+
+
+def _missing_parts(every_song: list[Path], songs: list[Path], stems: tuple[str, ...]) -> dict[Path, list[str]]:
+    """For each of `songs`, the selected stems it has no file for although some song of the corpus has one."""
+    in_corpus = {p for s in every_song for p in stems if (s / f"{p}.wav").exists()}
+    missing = {s: [p for p in stems if p in in_corpus and not (s / f"{p}.wav").exists()] for s in songs}
+    return {s: parts for s, parts in missing.items() if parts}
 
 # %% ../chapters/01_data.ipynb #8e0a0779
 class JaCappellaDataset:
     """Songs of a jaCappella-layout corpus (real or synthetic), decoded once and read as memory-mapped segments.
 
     `dataset[i]` is a light `SongRef`; `extract_segment` turns it into an item. `dataset.song(i)` loads a whole song.
+    A song without a part file that other songs of the corpus have, or whose mixture.wav is not the sum of its part
+    files, gets a warning naming it; `strict=True` makes these errors.
     """
 
     def __init__(self, root: str | os.PathLike, sample_rate: int = 8000, stems: tuple[str, ...] = STEM_NAMES,
-                 split: str = "train", cache_dir: str | os.PathLike | None = None, progress: bool = False) -> None:
+                 split: str = "train", cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                 strict: bool = False) -> None:
         self.root = Path(root).expanduser()
         unknown = [s for s in stems if s not in ALL_STEMS]
         if unknown or not stems:
@@ -649,7 +727,8 @@ class JaCappellaDataset:
         self.stems = tuple(stems)
         self.sample_rate = int(sample_rate)
         self.split = split
-        self.songs = split_songs(self.root, find_songs(self.root), split)
+        every_song = find_songs(self.root)
+        self.songs = split_songs(self.root, every_song, split)
         if not self.songs:
             raise CorpusError(f"The {split!r} split of {self.root} is empty (check {TEST_LIST_NAME} and {VALID_LIST_NAME}).")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root)
@@ -664,11 +743,25 @@ class JaCappellaDataset:
         if json.dumps(manifest, sort_keys=True) != before:
             atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         self.refs = [SongRef(i, f"{s.parent.name}/{s.name}", str(self.cache_dir / e["file"]),
-                             tuple(e["parts"].index(n) if n in e["parts"] else -1 for n in self.stems), e["length"])
+                             tuple(e["parts"].index(n) if n in e["parts"] else -1 for n in self.stems), e["length"],
+                             _mixture_rows(e["parts"]))
                      for i, (s, e) in enumerate(zip(self.songs, entries))]
         for ref in self.refs:
             if all(r < 0 for r in ref.rows):
                 raise CorpusError(f"Song {ref.name} has none of the selected stems {self.stems}; remove it or choose other stems.")
+        self.missing = _missing_parts(every_song, self.songs, self.stems)
+        problems = [f"{song.parent.name}/{song.name} has no {', '.join(f'{p}.wav' for p in parts)} (other songs of "
+                    f"{self.root} have {'it' if len(parts) == 1 else 'them'}): scored and trained as absent"
+                    for song, parts in self.missing.items()]
+        problems += [f"{ref.name}: mixture.wav differs from the sum of its part files by "
+                     f"{10 * np.log10(e['mixture_error']):.1f} dB (energy of the difference relative to the mixture); "
+                     f"the model hears mixture.wav" for ref, e in zip(self.refs, entries)
+                     if e.get("mixture_error") is not None and e["mixture_error"] > 10 ** (MIXTURE_TOLERANCE_DB / 10)]
+        if strict and problems:
+            raise CorpusError(f"{len(problems)} problem(s) in the {split!r} split of {self.root} (strict mode): "
+                              + "; ".join(problems) + ". Fix the files, or leave strict mode off to go on with warnings.")
+        for problem in problems:
+            warnings.warn(f"Song {problem}. Pass strict=True (--strict) to make this an error.", stacklevel=2)
         self._open: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -688,9 +781,12 @@ class JaCappellaDataset:
         return np.array([r >= 0 for r in self.refs[int(index)].rows])
 
     def song(self, index: int) -> dict[str, np.ndarray]:
-        """A whole song as an item: mixture, stems, present, active."""
+        """A whole song as an item: stems, present, active, and its real mixture (mixture.wav where the song has one,
+        else the sum of all its part files, selected or not: what a listener hears, not only the selected stems)."""
         ref = self.refs[int(index)]
-        return read_segment(self, ref, 0, ref.length)
+        item = read_segment(self, ref, 0, ref.length)
+        item["mixture"] = np.asarray(self.audio(ref)[list(ref.mixture_rows)], dtype=np.float32).sum(axis=0)
+        return item
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -767,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-corpus", help="render the synthetic Bach-chorale corpus in jaCappella's layout")
     profile = active_profile()
-    make.add_argument("out", type=Path, help="directory to create (replaced atomically if it exists)")
+    make.add_argument("out", type=Path, help="folder to create; an existing one is replaced only if empty or a corpus made by make-corpus")
     make.add_argument("--songs", type=int, default=profile.corpus_songs, help=f"number of songs (profile: {profile.corpus_songs})")
     make.add_argument("--seconds", type=float, default=profile.corpus_seconds, help=f"length of each song (profile: {profile.corpus_seconds})")
     make.add_argument("--seed", type=int, default=0)
@@ -775,8 +871,12 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--vocal-percussion", action="store_true", help="also render a vocal_percussion part")
     make.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
     args = parser.parse_args(argv)
-    out = make_corpus(args.out, args.songs, args.seconds, seed=args.seed, sample_rate=args.sample_rate,
-                      vocal_percussion=args.vocal_percussion, workers=args.workers)
+    try:
+        out = make_corpus(args.out, args.songs, args.seconds, seed=args.seed, sample_rate=args.sample_rate,
+                          vocal_percussion=args.vocal_percussion, workers=args.workers)
+    except CorpusError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     manifest = json.loads((out / CORPUS_MARKER).read_text())
     counts = ", ".join(f"{k} {len(v)}" for k, v in manifest["split"].items())
     print(f"wrote {args.songs} songs to {out} ({counts}) in {manifest['build_seconds']} s")

@@ -156,12 +156,40 @@ def test_killed_build_is_not_mistaken_for_a_corpus(tmp_path):
         JaCappellaDataset(out)
 
 
-def test_rebuild_replaces_existing_corpus(tmp_path):
+def test_rebuild_replaces_only_what_make_corpus_wrote(tmp_path):
     out = make_corpus(tmp_path / "c", songs=1, seconds=0.5, seed=1, workers=1, progress=False)
-    (out / "stale.txt").write_text("old")
-    make_corpus(out, songs=1, seconds=0.5, seed=1, workers=1, progress=False)
-    assert data.is_complete_corpus(out) and not (out / "stale.txt").exists()
+    JaCappellaDataset(out, SR, split="all")  # the loader's segment cache in <root>/.cache is ours too
+    before = (out / CORPUS_MARKER).read_text()
+    make_corpus(out, songs=1, seconds=0.5, seed=2, workers=1, progress=False)
+    assert data.is_complete_corpus(out, seed=2) and (out / CORPUS_MARKER).read_text() != before
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    (out / "notes.txt").write_text("the reader's")
+    (out / SYNTH_SUBSET / "my_song").mkdir()
+    with pytest.raises(CorpusError, match="did not write.*my_song.*notes.txt|did not write.*notes.txt.*my_song"):
+        make_corpus(out, songs=1, seconds=0.5, seed=3, workers=1, progress=False)
+    assert (out / "notes.txt").read_text() == "the reader's" and data.is_complete_corpus(out, seed=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary folder left behind
+    (tmp_path / "empty").mkdir()
+    assert data.is_complete_corpus(make_corpus(tmp_path / "empty", songs=1, seconds=0.5, workers=1, progress=False))
+
+
+def test_make_corpus_refuses_a_folder_of_the_readers(tmp_path):
+    """The reproduction of issue 16: an evaluation's hint followed on a folder of one's own data loses nothing."""
+    (tmp_path / "v" / "mydata").mkdir(parents=True)
+    (tmp_path / "v" / "mydata" / "KEEP.txt").write_text("keep")
+    message = _expect(tmp_path / "v", "No songs found")
+    assert f"make-corpus {tmp_path / 'v'}" not in message and "NEW_FOLDER" in message
+    command = [sys.executable, "-m", "sepreformer_book.data", "make-corpus", str(tmp_path / "v"), "--songs", "1",
+               "--seconds", "0.5", "--workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and str(tmp_path / "v") in done.stderr and "mydata" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "v" / "mydata" / "KEEP.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CorpusError, match="is a file"):
+        make_corpus(tmp_path / "file", songs=1, seconds=0.5, workers=1, progress=False)
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_cli_make_corpus(tmp_path):
@@ -323,12 +351,55 @@ def test_quirks(quirky, tmp_path):
     assert len(valid) == 1 and len(train) == 3  # every fifth non-test song is valid when no valid list exists
 
 
+def test_a_missing_part_is_named_and_strict_makes_it_an_error(quirky, tmp_path):
+    with pytest.warns(UserWarning, match=r"subset/missing_alto has no alto\.wav \(other songs of .* have it\)") as caught:
+        ds = JaCappellaDataset(quirky, SR, split="all", cache_dir=tmp_path / "c")
+    assert sum("has no" in str(w.message) for w in caught) == 1  # one warning, for the one song
+    assert {s.name: parts for s, parts in ds.missing.items()} == {"missing_alto": ["alto"]}
+    with pytest.raises(CorpusError, match=r"strict.*missing_alto has no alto\.wav"):
+        JaCappellaDataset(quirky, SR, split="all", cache_dir=tmp_path / "c", strict=True)
+    only_bass = JaCappellaDataset(quirky, SR, stems=("bass",), split="all", cache_dir=tmp_path / "c", strict=True)
+    assert only_bass.missing == {}  # a part not selected is not missing
+
+
+def _sum_song(root: Path, name: str, mixture_gain: float | None) -> Path:
+    parts = {p: (_tone(1.0, SR, 110 * (i + 1), amp=0.1), SR) for i, p in enumerate((*STEM_NAMES, "vocal_percussion"))}
+    song = _song(root, name, parts)
+    if mixture_gain is not None:
+        total = sum(audio for audio, _ in parts.values())
+        sf.write(song / "mixture.wav", (mixture_gain * total).astype(np.float32), SR, subtype="FLOAT")
+    return song
+
+
+def test_the_song_mixture_is_the_real_one_and_checked_against_its_parts(tmp_path):
+    root = tmp_path / "mixtures"
+    _sum_song(root, "consistent", 1.0)
+    _sum_song(root, "louder", 1.5)
+    _sum_song(root, "no_mixture_file", None)
+    with pytest.warns(UserWarning, match=r"subset/louder: mixture.wav differs from the sum") as caught:
+        ds = JaCappellaDataset(root, SR, split="all", cache_dir=tmp_path / "c")
+    assert sum("mixture.wav differs" in str(w.message) for w in caught) == 1
+    by_name = _by_name(ds)
+    for name, gain in (("consistent", 1.0), ("louder", 1.5), ("no_mixture_file", 1.0)):
+        song = ds.song(by_name[name])
+        every_part = sum(_tone(1.0, SR, 110 * (i + 1), amp=0.1) for i in range(len(STEM_NAMES) + 1))
+        # vocal percussion is not a selected stem, yet the model hears it: the mixture is the song's, not the stems' sum
+        np.testing.assert_allclose(song["mixture"], gain * every_part, atol=1e-5)
+        assert not np.allclose(song["mixture"], song["stems"].sum(axis=0), atol=1e-3)
+    with pytest.raises(CorpusError, match="louder: mixture.wav differs"):
+        JaCappellaDataset(root, SR, split="all", cache_dir=tmp_path / "c", strict=True)
+
+
 @pytest.mark.filterwarnings("ignore:Song subset/unequal")
+@pytest.mark.filterwarnings("ignore:Song subset/missing_alto")
 def test_subset_of_stems_and_vocal_percussion(quirky, tmp_path):
     ds = JaCappellaDataset(quirky, SR, stems=("bass", "vocal_percussion"), split="all", cache_dir=tmp_path / "c")
     item = ds.song(0)
     assert item["stems"].shape[0] == 2 and item["present"].tolist() == [True, False]
-    np.testing.assert_allclose(item["mixture"], item["stems"][0])
+    segment = data.read_segment(ds, ds[0], 0, ds[0].length)  # training items: the mixture of the selected stems
+    np.testing.assert_allclose(segment["mixture"], item["stems"][0])
+    every_part = np.asarray(ds.audio(ds[0]), dtype=np.float32).sum(axis=0)  # a whole song: everything sung in it
+    np.testing.assert_allclose(item["mixture"], every_part)
 
 
 def _expect(root: Path, match: str, **kwargs):
