@@ -3,9 +3,9 @@
 # %% auto #0
 __all__ = ['RUN_DEFAULTS', 'PARALLEL_CHECK', 'CHECKPOINT_FORMAT', 'DEFAULT_CHECKPOINT', 'LOG_DIGITS', 'RunConfig',
            'run_config_for', 'corpus_iterator', 'validation_batches', 'validation_scores', 'validate', 'data_mesh',
-           'replicate', 'shard_batch', 'parallel_check', 'CheckpointError', 'save_checkpoint', 'checkpoint_root',
-           'read_meta', 'restore_checkpoint', 'load_model', 'TrainResult', 'train_on_corpus', 'build_parser', 'main',
-           'publish_run']
+           'replicate', 'shard_batch', 'parallel_check', 'CheckpointError', 'save_checkpoint', 'complete_steps',
+           'checkpoint_root', 'read_meta', 'restore_checkpoint', 'load_model', 'TrainResult', 'train_on_corpus',
+           'build_parser', 'main', 'publish_run']
 
 # %% ../chapters/08_training.ipynb #d9ce104a
 """Training on a corpus: validation, Orbax checkpoints, bit-for-bit resume, data parallelism and the `train` command
@@ -126,7 +126,8 @@ def validate(model: eqx.Module, batches: list[dict[str, np.ndarray]],
              stem_names: tuple[str, ...] = STEM_NAMES, place=None) -> dict:
     """Per-part mean SI-SDR and SI-SDRi (dB) over the segments where the part is active, and their means over parts.
 
-    `place` puts a batch on the devices (e.g. `lambda b: shard_batch(b, mesh)`)."""
+    A part active in no segment was not measured: its values are None, and the means are over the measured parts
+    (None when no part was). `place` puts a batch on the devices (e.g. `lambda b: shard_batch(b, mesh)`)."""
     place = place or jax.device_put
     totals = {"si_sdr": 0.0, "si_sdri": 0.0, "count": 0.0}
     for batch in batches:
@@ -136,11 +137,14 @@ def validate(model: eqx.Module, batches: list[dict[str, np.ndarray]],
         totals["si_sdr"] = totals["si_sdr"] + (estimate * weight).sum(axis=0)
         totals["si_sdri"] = totals["si_sdri"] + ((estimate - mixture) * weight).sum(axis=0)
         totals["count"] = totals["count"] + weight.sum(axis=0)
-    count = np.asarray(totals["count"])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_part = {key: np.where(count > 0, totals[key] / count, np.nan) for key in ("si_sdr", "si_sdri")}
-    result = {f"{key}/{name}": float(value) for key in per_part for name, value in zip(stem_names, per_part[key])}
-    result.update({f"mean_{key}": float(np.nanmean(per_part[key])) for key in per_part})
+    count = np.broadcast_to(totals["count"], (len(stem_names),))
+    result = {}
+    for key in ("si_sdr", "si_sdri"):
+        per_part = [float(total / n) if n > 0 else None
+                    for total, n in zip(np.broadcast_to(totals[key], count.shape), count)]
+        result.update({f"{key}/{name}": value for name, value in zip(stem_names, per_part)})
+        measured = [value for value in per_part if value is not None]
+        result[f"mean_{key}"] = float(np.mean(measured)) if measured else None
     return result
 
 # %% ../chapters/08_training.ipynb #881ddf3b
@@ -224,8 +228,11 @@ def _manager(directory: Path, read_only: bool = False):
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR if read_only else level)
     try:
+        # cleanup_tmp_directories: a write killed before Orbax's final rename leaves `<step>.orbax-checkpoint-tmp`,
+        # which Orbax would trip over when it saves that step again
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=not read_only)
         with ocp.CheckpointManager(Path(directory).absolute(), options=options) as manager:
             yield manager
     finally:
@@ -250,11 +257,21 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: eqx.Module, 
     return Path(directory) / str(int(step))
 
 
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps with a complete checkpoint under `directory`, oldest first. Orbax writes a step into
+    `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when every file is written, so a folder named by
+    its step alone is whole, and anything else there is an interrupted write."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def checkpoint_root(path: str | os.PathLike) -> Path:
     """The Orbax directory meant by `path`: a run directory (its best checkpoint) or a checkpoint directory."""
     path = Path(path).expanduser()
     for candidate in (path / "checkpoints" / "best", path):
-        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+        if complete_steps(candidate):
             return candidate
     if not path.exists():
         raise CheckpointError(f"No checkpoint at {path}: train one with `python -m sepreformer_book.training --out "
@@ -339,9 +356,25 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _measured(value):
+    """`value` with every NaN or infinite float replaced by None: JSON's "not measured" (bare NaN is not JSON)."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_measured(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _measured(v) for k, v in value.items()}
+    return value
+
+
+def _json_line(record: dict) -> str:
+    """One strict JSON line (a non-finite number would raise, so none can slip into a log)."""
+    return json.dumps(_measured(record), allow_nan=False) + "\n"
+
+
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep only the records of steps before `last_step` (atomically)."""
-    text = "".join(json.dumps(r) + "\n" for r in _read_jsonl(path) if r["step"] < last_step)
+    text = "".join(_json_line(r) for r in _read_jsonl(path) if r["step"] < last_step)
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -357,16 +390,19 @@ class TrainResult:
 def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
                     model_config: ModelConfig | None = None, stems: tuple[str, ...] = STEM_NAMES,
                     devices: list | None = None, stop_after: int | None = None, progress: bool = True,
-                    tensorboard: bool = True) -> TrainResult:
+                    tensorboard: bool = True, strict: bool = False) -> TrainResult:
     """Train a SepReformer on the train split of the corpus at `root`, validating on its valid split; write
     checkpoints, logs and TensorBoard files under `out`. `stop_after` ends this invocation after that many steps,
-    as an interruption would (the schedule still spans `run.steps`)."""
+    as an interruption would (the schedule still spans `run.steps`). A run killed at any moment, even while writing
+    a checkpoint, continues from its last complete checkpoint, or starts afresh when it has none (a line says
+    which). `strict`: a song missing a part, or with a mixture.wav that is not its parts' sum, is an error."""
     out = Path(out)
     model_config = model_config or model_config_for(run.profile)
     if model_config.num_stems != len(stems):
         raise ValueError(f"The model separates {model_config.num_stems} parts but stems={stems} names {len(stems)}.")
     last_dir, best_dir = out / "checkpoints" / "last", out / "checkpoints" / "best"
-    if not resume and last_dir.is_dir() and any(last_dir.iterdir()):
+    saved_steps = complete_steps(last_dir)
+    if not resume and saved_steps:
         raise CheckpointError(f"{out} already holds a run (checkpoints/last). Pass --resume to continue it, or choose "
                               f"another --out.")
     mesh = data_mesh(devices)
@@ -374,15 +410,24 @@ def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathL
         raise ValueError(f"batch_size={run.batch_size} must be a multiple of the {mesh.size} devices.")
     sample_rate = model_config.sample_rate
     segment_samples = int(round(run.segment_seconds * sample_rate))
-    train_set = JaCappellaDataset(root, sample_rate=sample_rate, stems=stems, split="train", progress=progress)
-    valid_set = JaCappellaDataset(root, sample_rate=sample_rate, stems=stems, split="valid", progress=progress)
+    train_set = JaCappellaDataset(root, sample_rate=sample_rate, stems=stems, split="train", progress=progress,
+                                  strict=strict)
+    valid_set = JaCappellaDataset(root, sample_rate=sample_rate, stems=stems, split="valid", progress=progress,
+                                  strict=strict)
     valid = validation_batches(valid_set, segment_samples, run.batch_size, run.valid_segments)
 
     optimizer = make_optimizer(run.optimizer_config())
     model = SepReformer(model_config, key=jax.random.key(run.seed))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     first_step, data_state, seconds_before, best = 0, None, 0.0, {"mean_si_sdri": None, "step": None}
-    if resume and last_dir.is_dir() and any(last_dir.iterdir()):
+    interrupted = sorted(p.name for p in last_dir.iterdir() if not p.name.isdigit()) if last_dir.is_dir() else []
+    if saved_steps and resume:
+        print(f"resuming {out} from step {saved_steps[-1]}, its last complete checkpoint"
+              + (f" (an interrupted later write, {', '.join(interrupted)}, is discarded)" if interrupted else ""))
+    elif interrupted:
+        print(f"{out} has no complete checkpoint (checkpoints/last holds only the interrupted write "
+              f"{', '.join(interrupted)}): starting the run afresh from step 0")
+    if resume and saved_steps:
         meta = read_meta(last_dir)
         if meta.get("run") != asdict(run):
             raise CheckpointError(f"Cannot resume {out}: the run settings differ from the checkpoint's "
@@ -412,17 +457,19 @@ def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathL
         done = index + 1  # updates applied so far
         seconds = seconds_before + time.perf_counter() - started
         with (out / "metrics.jsonl").open("a") as log:
-            log.write(json.dumps({"step": done, "loss": history.loss[-1], "mean_si_sdr": history.mean_si_sdr[-1],
-                                  "si_sdr": [None if not np.isfinite(v) else float(v) for v in history.si_sdr[-1]],
-                                  "learning_rate": history.learning_rate[-1], "seconds": seconds}) + "\n")
+            log.write(_json_line({"step": done, "loss": history.loss[-1], "mean_si_sdr": history.mean_si_sdr[-1],
+                                  "si_sdr": history.si_sdr[-1], "learning_rate": history.learning_rate[-1],
+                                  "seconds": seconds}))
         if done % run.valid_every == 0 or done == run.steps:
             scores = validate(model, valid, stems, place=lambda b: shard_batch(b, mesh))
             with (out / "validation.jsonl").open("a") as log:
-                log.write(json.dumps({"step": done, "seconds": seconds, **scores}) + "\n")
+                log.write(_json_line({"step": done, "seconds": seconds, **scores}))
             if writer is not None:
                 for key, value in scores.items():
-                    writer.add_scalar(f"valid/{key}", value, done)
-            if best["mean_si_sdri"] is None or scores["mean_si_sdri"] > best["mean_si_sdri"]:
+                    if value is not None:  # a part not measured gets no point, not a NaN one
+                        writer.add_scalar(f"valid/{key}", value, done)
+            measured = scores["mean_si_sdri"]
+            if measured is not None and (best["mean_si_sdri"] is None or measured > best["mean_si_sdri"]):
                 best.clear()
                 best.update(scores, step=done)
                 save_checkpoint(best_dir, done, model, dict(base_meta, best=best, train_seconds=seconds))
@@ -450,8 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for f in fields(RunConfig):
         if f.name != "profile":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=None, help=f"(profile default)")
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=None, help="(profile default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parser.add_argument("--strict", action="store_true",
+                        help="a song missing a part file, or whose mixture.wav is not its parts' sum, is an error")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-host run: call jax.distributed.initialize() first (coordinator from the environment)")
     return parser
@@ -467,13 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     profile = active_profile(run.profile)
     try:
         root = args.data or (default_corpus_root(profile) if os.environ.get("JACAPPELLA_ROOT") else ensure_corpus(profile))
-        result = train_on_corpus(run, root, args.out, resume=args.resume, progress=not args.no_progress)
+        result = train_on_corpus(run, root, args.out, resume=args.resume, progress=not args.no_progress,
+                                 strict=args.strict)
     except (CheckpointError, CorpusError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     best = result.best
-    print(f"trained {run.steps} steps in {result.seconds / 60:.1f} min; best validation mean SI-SDRi "
-          f"{best['mean_si_sdri']:.2f} dB at step {best['step']}")
+    scored = (f"best validation mean SI-SDRi {best['mean_si_sdri']:.2f} dB at step {best['step']}"
+              if best["mean_si_sdri"] is not None else "no validation segment had an active part to score")
+    print(f"trained {run.steps} steps in {result.seconds / 60:.1f} min; {scored}")
     print(f"checkpoints: {args.out / 'checkpoints'}; logs: {args.out}/metrics.jsonl, validation.jsonl; "
           f"TensorBoard: tensorboard --logdir {args.out / 'tb'}")
     return 0

@@ -1,4 +1,5 @@
 """Tests of sepreformer_book.training: corpus batches, validation, checkpoints, resume, data parallelism, CLI."""
+import json
 import signal
 import subprocess
 import sys
@@ -11,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import soundfile as sf
 from beartype import beartype
 from jaxtyping import jaxtyped
 
 from sepreformer_book.config import active_profile
-from sepreformer_book.data import STEM_NAMES, JaCappellaDataset, ensure_corpus
+from sepreformer_book import training
+from sepreformer_book.data import STEM_NAMES, VALID_LIST_NAME, JaCappellaDataset, ensure_corpus
 from sepreformer_book.model import PRESETS, SepReformer
 from sepreformer_book.training import (CheckpointError, _read_jsonl, corpus_iterator, load_model, main,
                                        parallel_check, read_meta, restore_checkpoint, run_config_for, save_checkpoint,
@@ -215,3 +218,107 @@ def test_resume_when_killed_between_the_best_and_the_last_save(root, tmp_path, u
     resumed = train_on_corpus(RUN, root, tmp_path, resume=True, progress=False, tensorboard=False)
     assert resumed.history.step[0] == 0 and read_meta(tmp_path / "checkpoints" / "best")["step"] == resumed.best["step"]
     assert all(np.array_equal(a, b) for a, b in zip(leaves(uninterrupted.model), leaves(resumed.model)))
+
+
+# ---------------------------------------------------------------- interrupted checkpoint writes (issue 16)
+def test_an_interrupted_first_checkpoint_write_starts_afresh(root, tmp_path, uninterrupted, capsys):
+    """The reproduction: only Orbax's temporary folder in checkpoints/last, with and without --resume."""
+    for resume in (False, True):
+        out = tmp_path / f"resume_{resume}"
+        (out / "checkpoints" / "last" / "4.orbax-checkpoint-tmp").mkdir(parents=True)
+        result = train_on_corpus(RUN, root, out, resume=resume, progress=False, tensorboard=False)
+        assert "no complete checkpoint" in capsys.readouterr().out and result.history.step[0] == 0
+        assert all(np.array_equal(a, b) for a, b in zip(leaves(uninterrupted.model), leaves(result.model)))
+        assert [p.name for p in (out / "checkpoints" / "last").iterdir()] == ["8"]  # the leftover is cleaned up
+
+
+KILL_DURING_WRITE = r"""
+import os, sys
+from orbax.checkpoint._src.path import atomicity
+from sepreformer_book.training import main
+
+kill_at, calls = int(sys.argv[1]), []
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self, *args, **kwargs):  # every file of the step is written; only the rename is left
+    calls.append(str(self._final_path))
+    if len(calls) == kill_at:
+        print(self._final_path.parent.name, flush=True)  # which checkpoint (best or last) was cut short
+        os._exit(137)  # like SIGKILL: no cleanup, no flush
+    return await commit(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 4])
+def test_a_run_killed_during_a_checkpoint_write_resumes_or_restarts(root, tmp_path, uninterrupted, capsys, kill_at):
+    """Killed in the middle of checkpoint write number `kill_at` (1: best/4, the very first; 2: last/4; 4: a write of
+    step 8): the next invocation, with or without --resume as needed, ends with the uninterrupted run's model."""
+    out = tmp_path / "run"
+    arguments = ["--profile", "ci", "--data", str(root), "--out", str(out), "--steps", str(RUN.steps),
+                 "--checkpoint-every", str(RUN.checkpoint_every), "--valid-every", str(RUN.valid_every),
+                 "--audio-every", str(RUN.audio_every), "--no-progress"]
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, str(kill_at), *arguments],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert any("orbax-checkpoint-tmp" in p.name for p in (out / "checkpoints").rglob("*")), "no write was cut short"
+    resumable = bool(training.complete_steps(out / "checkpoints" / "last"))
+    result = train_on_corpus(RUN, root, out, resume=resumable, progress=False, tensorboard=False)
+    printed = capsys.readouterr().out
+    assert ("resuming" in printed) if resumable else ("starting the run afresh" in printed or not printed)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(uninterrupted.model), leaves(result.model)))
+    logged = lambda path: [(r["step"], r["loss"]) for r in _read_jsonl(path / "metrics.jsonl")]
+    assert logged(out) == logged(uninterrupted.out)
+    assert not any("orbax-checkpoint-tmp" in p.name for p in (out / "checkpoints").rglob("*"))
+    assert read_meta(out / "checkpoints" / "best")["step"] == uninterrupted.best["step"]
+
+
+# ---------------------------------------------------------------- "not measured" in the logs (issue 16)
+def _strict_json(line: str) -> dict:
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_part_never_active_in_validation_is_null_in_the_logs_and_absent_from_tensorboard(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "corpus"
+    for index in range(6):
+        song = root / "subset" / f"song{index}"
+        song.mkdir(parents=True)
+        for part in STEM_NAMES:
+            silent = part == "lead_vocal" and index == 0  # song0 is the valid split: its lead never sings
+            audio = np.zeros(4000, np.float32) if silent else (0.05 * rng.standard_normal(4000)).astype(np.float32)
+            sf.write(song / f"{part}.wav", audio, 8000, subtype="FLOAT")
+    (root / VALID_LIST_NAME).write_text("song0\n")
+    scalars = []
+    from tensorboardX import SummaryWriter
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", lambda self, tag, value, *a, **k: scalars.append((tag, value)))
+    run = run_config_for("ci", steps=3, valid_every=3, checkpoint_every=3, audio_every=100)
+    result = train_on_corpus(run, root, tmp_path / "run", progress=False, tensorboard=True)
+    for log in ("metrics.jsonl", "validation.jsonl"):
+        for line in (tmp_path / "run" / log).read_text().splitlines():
+            _strict_json(line)
+    record = _strict_json((tmp_path / "run" / "validation.jsonl").read_text().splitlines()[-1])
+    assert record["si_sdr/lead_vocal"] is None and record["si_sdri/lead_vocal"] is None
+    assert isinstance(record["si_sdri/bass"], float) and isinstance(record["mean_si_sdri"], float)
+    assert all(np.isfinite(value) for _, value in scalars) and ("valid/si_sdr/lead_vocal" not in dict(scalars))
+    assert "valid/si_sdr/bass" in dict(scalars) and result.best["si_sdri/lead_vocal"] is None
+
+
+def test_validate_reports_parts_never_active_as_none(root):
+    dataset = JaCappellaDataset(root, sample_rate=8000, split="valid")
+    batches = validation_batches(dataset, 2000, 2, 4)
+    for batch in batches:
+        batch["active"][:, 0] = False
+    scores = validate(SepReformer(PRESETS["ci"], key=jax.random.key(0)), batches)
+    assert scores["si_sdr/lead_vocal"] is None and scores["si_sdri/lead_vocal"] is None
+    measured = [scores[f"si_sdri/{name}"] for name in STEM_NAMES[1:]]
+    assert scores["mean_si_sdri"] == pytest.approx(np.mean(measured))
+    for batch in batches:
+        batch["active"][:] = False
+    assert validate(SepReformer(PRESETS["ci"], key=jax.random.key(0)), batches)["mean_si_sdri"] is None
