@@ -3,8 +3,8 @@
 # %% auto #0
 __all__ = ['WINDOW_SECONDS', 'OVERLAP_SECONDS', 'BATCH_WINDOWS', 'METRICS', 'unchunked_temp_bytes', 'crossfade_weights',
            'window_starts', 'separate_long', 'frame_grid', 'window_sizes', 'score_parts', 'oracle_stft_sizes',
-           'oracle_irm', 'evaluate_model', 'mean_over_parts', 'summarise', 'markdown_table', 'mixture_consistent',
-           'user_errors', 'write_scores_csv', 'evaluate_checkpoint', 'main']
+           'oracle_irm', 'evaluate_model', 'missing_counts', 'mean_over_parts', 'summarise', 'markdown_table',
+           'mixture_consistent', 'user_errors', 'write_scores_csv', 'evaluate_checkpoint', 'main']
 
 # %% ../chapters/09_evaluation.ipynb #48b4579a
 """Whole-song inference with bounded memory and per-part SI-SDR/SI-SDRi evaluation (generated from chapters/09_evaluation.ipynb)."""
@@ -198,7 +198,11 @@ def evaluate_model(model: Callable, dataset: JaCappellaDataset, *, window_second
                    overlap_seconds: float = OVERLAP_SECONDS, batch_windows: int = BATCH_WINDOWS,
                    max_songs: int | None = None, progress: bool = False) -> list[dict]:
     """Rows {song, part, *METRICS} (dB) for each song of `dataset` (the first `max_songs`, default all) and each part
-    present and not silent in it. The model is scored through `separate_long`, its hop on `frame_grid(model)`."""
+    present and not silent in it. The model is scored through `separate_long`, its hop on `frame_grid(model)`.
+
+    Every system hears the song's real mixture (`dataset.song`: mixture.wav where there is one), and SI-SDRi is
+    measured against it. What the mixture holds beyond the scored parts (vocal percussion, a part the model does not
+    output) is one more source for the oracle's masks, so the oracle is not handed that sound for free."""
     rate = dataset.sample_rate
     window, overlap = window_sizes(window_seconds, overlap_seconds, rate, frame_grid(model))
     fft_size, hop = oracle_stft_sizes(rate)
@@ -209,7 +213,11 @@ def evaluate_model(model: Callable, dataset: JaCappellaDataset, *, window_second
         mixture, targets, scored = song["mixture"], song["stems"], song["active"]
         estimates = separate_long(model, mixture, window_samples=window, overlap_samples=overlap,
                                   batch_windows=batch_windows)
-        oracle = oracle_irm(targets, mixture, fft_size=fft_size, hop=hop)
+        rest = mixture - targets.sum(axis=0)
+        if np.sum(rest**2) > 1e-6 * np.sum(mixture**2):  # more than rounding: the mixture holds other sources
+            oracle = oracle_irm(np.vstack([targets, rest[None]]), mixture, fft_size=fft_size, hop=hop)[:-1]
+        else:
+            oracle = oracle_irm(targets, mixture, fft_size=fft_size, hop=hop)
         mixture_sdr, _ = score_parts(np.broadcast_to(mixture, targets.shape).copy(), targets, mixture, scored)
         model_sdr, model_sdri = score_parts(estimates, targets, mixture, scored)
         oracle_sdr, oracle_sdri = score_parts(oracle, targets, mixture, scored)
@@ -221,19 +229,28 @@ def evaluate_model(model: Callable, dataset: JaCappellaDataset, *, window_second
     return rows
 
 
+def missing_counts(dataset: JaCappellaDataset) -> dict[str, int]:
+    """How many songs of `dataset` lack each part's file while other songs of the corpus have it."""
+    return {part: sum(part in parts for parts in dataset.missing.values()) for part in dataset.stems}
+
+
 def mean_over_parts(summary: list[dict], metric: str = "model_si_sdri") -> float:
     """The mean of the per-part means of `metric` over the parts scored at least once (each part weighs the same)."""
     means = [entry[f"{metric}_mean"] for entry in summary if entry["part"] != "all" and entry["songs"]]
     return float(np.mean(means)) if means else float("nan")
 
 
-def summarise(rows: list[dict], parts: tuple[str, ...] | None = None) -> list[dict]:
-    """Per part (in `parts` order, default: order of appearance) and 'all': songs scored, mean and median of METRICS."""
+def summarise(rows: list[dict], parts: tuple[str, ...] | None = None,
+              missing: dict[str, int] | None = None) -> list[dict]:
+    """Per part (in `parts` order, default: order of appearance) and 'all': songs scored, songs missing the part's
+    file (from `missing`, e.g. `missing_counts(dataset)`), mean and median of METRICS."""
     parts = parts or tuple(dict.fromkeys(row["part"] for row in rows))
+    missing = missing or {}
     summary = []
     for part in (*parts, "all"):
         chosen = [row for row in rows if part in ("all", row["part"])]
-        entry = {"part": part, "songs": len(chosen)}
+        entry = {"part": part, "songs": len(chosen),
+                 "missing": sum(missing.values()) if part == "all" else missing.get(part, 0)}
         for metric in METRICS:
             values = np.array([row[metric] for row in chosen], dtype=np.float64)
             entry[f"{metric}_mean"] = float(values.mean()) if values.size else float("nan")
@@ -254,7 +271,12 @@ def markdown_table(summary: list[dict]) -> str:
         cells = [f"{entry[f'{key}_mean']:.2f} / {entry[f'{key}_median']:.2f}" if entry["songs"] else "not scored"
                  for key, _ in _COLUMNS]
         lines.append(f"| {entry['part']} | {entry['songs']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nCells: mean / median over songs, in dB.\n"
+    note = "\n\nCells: mean / median over songs, in dB.\n"
+    gaps = [f"{entry['part']} in {entry['missing']}" for entry in summary if entry["part"] != "all" and entry.get("missing")]
+    if gaps:
+        note += (f"Songs without the part's file (not scored; the mixture still holds what was sung): "
+                 f"{', '.join(gaps)}.\n")
+    return "\n".join(lines) + note
 
 # %% ../chapters/09_evaluation.ipynb #16f395a0
 @jaxtyped(typechecker=beartype)
@@ -290,19 +312,20 @@ def write_scores_csv(rows: list[dict], path: str | os.PathLike) -> Path:
 def evaluate_checkpoint(checkpoint: str | os.PathLike | None, data_root: str | os.PathLike | None, *,
                         out_dir: str | os.PathLike, split: str = "test", window_seconds: float = WINDOW_SECONDS,
                         overlap_seconds: float = OVERLAP_SECONDS, batch_windows: int = BATCH_WINDOWS,
-                        progress: bool = True) -> tuple[list[dict], list[dict], dict[str, Path]]:
-    """Evaluate a checkpoint (None: the committed one) on a split of a corpus (None: the profile's); write CSV + Markdown."""
+                        progress: bool = True, strict: bool = False) -> tuple[list[dict], list[dict], dict[str, Path]]:
+    """Evaluate a checkpoint (None: the committed one) on a split of a corpus (None: the profile's); write CSV + Markdown.
+    `strict`: a song missing a part's file, or whose mixture.wav is not the sum of its parts, is an error."""
     from sepreformer_book.training import load_model
 
     model, meta = load_model(checkpoint)
     root = Path(data_root).expanduser() if data_root is not None else default_corpus_root()
     dataset = JaCappellaDataset(root, sample_rate=meta["sample_rate"], stems=tuple(meta["stems"]), split=split,
-                                progress=progress)
+                                progress=progress, strict=strict)
     rows = evaluate_model(model, dataset, window_seconds=window_seconds, overlap_seconds=overlap_seconds,
                           batch_windows=batch_windows, progress=progress)
     if not rows:
         raise CorpusError(f"No part of any song in the {split!r} split of {root} has audible audio to score.")
-    summary = summarise(rows, dataset.stems)
+    summary = summarise(rows, dataset.stems, missing_counts(dataset))
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": write_scores_csv(rows, out / f"scores_{split}.csv"), "markdown": out / f"summary_{split}.md"}
@@ -325,11 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap-seconds", type=float, default=OVERLAP_SECONDS)
     parser.add_argument("--batch-windows", type=int, default=BATCH_WINDOWS)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--strict", action="store_true",
+                        help="a song missing a part file, or whose mixture.wav is not its parts' sum, is an error")
     args = parser.parse_args(argv)
     try:
         _, summary, paths = evaluate_checkpoint(
             args.checkpoint, args.data, out_dir=args.out, split=args.split, window_seconds=args.window_seconds,
-            overlap_seconds=args.overlap_seconds, batch_windows=args.batch_windows, progress=not args.no_progress)
+            overlap_seconds=args.overlap_seconds, batch_windows=args.batch_windows, progress=not args.no_progress,
+            strict=args.strict)
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -289,3 +289,48 @@ def test_main_reports_a_missing_checkpoint(tiny_corpus, tmp_path, capsys):
 def test_dataset_errors_are_corpus_errors(tmp_path):
     with pytest.raises(CorpusError):
         JaCappellaDataset(tmp_path / "nowhere", sample_rate=RATE, split="test")
+
+
+def test_a_missing_part_is_counted_and_strict_refuses_it(tiny_corpus, tmp_path, fake_checkpoint, capsys):
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"subset/no_tenor has no tenor\.wav"):
+        status = evaluate.main(["--data", str(tiny_corpus), "--out", str(out), "--no-progress",
+                                "--window-seconds", "0.5", "--overlap-seconds", "0.05"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "Songs without the part's file" in printed and "tenor in 1" in printed
+    assert "tenor in 1" in (out / "summary_test.md").read_text()
+    status = evaluate.main(["--data", str(tiny_corpus), "--out", str(tmp_path / "strict"), "--no-progress", "--strict"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "no_tenor has no tenor.wav" in err and not (tmp_path / "strict").exists()
+
+
+class Echo(eqx.Module):
+    """Returns what it hears as every one of the five parts: its SI-SDR is the mixture's."""
+
+    def __call__(self, x):
+        return jnp.stack([x] * len(STEM_NAMES))
+
+
+def test_evaluation_hears_and_scores_the_songs_real_mixture(tmp_path):
+    tone = lambda f: (0.1 * np.sin(2 * np.pi * f * np.arange(RATE) / RATE)).astype(np.float32)
+    parts = {p: tone(150 + 60 * i) for i, p in enumerate(STEM_NAMES)}
+    percussion = np.random.default_rng(0).standard_normal(RATE).astype(np.float32) * 0.1
+    song = dict(parts, vocal_percussion=percussion, mixture=sum(parts.values()) + percussion)
+    root = make_corpus(tmp_path / "corpus", {"with_percussion": song}, test=["with_percussion"])
+    dataset = JaCappellaDataset(root, sample_rate=RATE, split="test")
+    rows = evaluate_model(Echo(), dataset, window_seconds=0.5, overlap_seconds=0.05)
+    heard = song["mixture"]
+    for row in rows:
+        target = parts[row["part"]]
+        expected = float(si_sdr(jnp.asarray(heard), jnp.asarray(target)))
+        assert row["mixture_si_sdr"] == pytest.approx(expected, abs=1e-3)  # the song's mixture, percussion and all
+        assert row["model_si_sdr"] == pytest.approx(expected, abs=1e-3)
+        without = float(si_sdr(jnp.asarray(sum(parts.values())), jnp.asarray(target)))
+        assert row["mixture_si_sdr"] < without - 0.5  # not the easier percussion-free sum of the scored parts
+        assert row["oracle_si_sdr"] < 40  # the oracle's masks share the percussion out; they are not handed it
+    louder = dict(song, mixture=2 * song["mixture"])
+    root = make_corpus(tmp_path / "louder", {"louder": louder}, test=["louder"])
+    with pytest.warns(UserWarning, match=r"subset/louder: mixture\.wav differs from the sum of its part files by -?\d"):
+        JaCappellaDataset(root, sample_rate=RATE, split="test")
