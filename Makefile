@@ -25,16 +25,17 @@ check-export: $(STAMP)
 	$(PY) -m pytest -q tests/test_export.py
 
 data: $(STAMP)
-	$(PY) -c "from sepreformer_book.data import ensure_corpus; print('corpus:', ensure_corpus())"
+	$(PY) -c "from sepreformer_book.choir import ensure_corpus; print('corpus:', ensure_corpus())"
 
+# Executes only chapters whose recorded digest is stale; FORCE=1 re-executes every chapter.
 book: export data
-	$(PY) tools/book.py
+	$(PY) tools/book.py $(if $(FORCE),--force,)
 
 test: $(STAMP)
 	@start=$$(date +%s); \
 	SEPREFORMER_PROFILE=ci $(PY) -m pytest -q tests; \
 	echo "unit tests: $$(( $$(date +%s) - start )) s"; start=$$(date +%s); \
-	SEPREFORMER_PROFILE=ci $(PY) -c "from sepreformer_book.data import ensure_corpus; print('corpus:', ensure_corpus())"; \
+	SEPREFORMER_PROFILE=ci $(PY) -c "from sepreformer_book.choir import ensure_corpus; print('corpus:', ensure_corpus())"; \
 	SEPREFORMER_PROFILE=ci $(PY) -m pytest -q --nbval-lax --nbval-current-env chapters/; \
 	echo "chapters (ci profile): $$(( $$(date +%s) - start )) s"
 
@@ -50,6 +51,6 @@ bench: $(STAMP)
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; \
 	  if [[ $$script == *time_to_quality* ]]; then $(PY) $$script --speed-only; else $(PY) $$script; fi; done
 
-# About 65 minutes on a 2-core CPU; leave the machine otherwise idle. Chapter 8 plots the saved file.
+# About 65 minutes on a 2-core CPU; leave the machine otherwise idle. The speed appendix plots the saved file.
 bench-ttq: $(STAMP)
 	$(PY) benchmarks/bench_time_to_quality.py --save benchmarks/results/time_to_quality.json

@@ -14,8 +14,9 @@ import numpy as np
 import soundfile as sf
 
 from sepreformer_book.config import active_profile
-from sepreformer_book.data import (STEM_NAMES, JaCappellaDataset, ensure_corpus, extract_segment, make_corpus,
-                                   training_iterator)
+from sepreformer_book.choir import ensure_corpus, make_corpus
+from sepreformer_book.config import STEM_NAMES
+from sepreformer_book.data import JaCappellaDataset, extract_segment, training_iterator
 
 
 def seed_item(song_dir, sample_rate: int, segment_samples: int, rng: np.random.Generator):

@@ -18,10 +18,10 @@ import time
 import jax
 import numpy as np
 
-from sepreformer_book.evaluate import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid, separate_long,
-                                       unchunked_temp_bytes, window_sizes)
+from sepreformer_book.inference import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid,
+                                        separate_long, unchunked_temp_bytes, window_sizes)
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.train import separate_batch
+from sepreformer_book.fit import separate_batch
 
 
 def peak_rss_mb() -> float:

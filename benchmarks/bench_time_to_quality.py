@@ -42,10 +42,11 @@ import equinox as eqx, jax
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU cannot reuse every donated buffer
 from dataclasses import replace
 from sepreformer_book.config import active_profile
-from sepreformer_book.data import JaCappellaDataset, ensure_corpus
+from sepreformer_book.choir import ensure_corpus
+from sepreformer_book.data import JaCappellaDataset, training_iterator
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.train import OptimizerConfig, make_optimizer, step
-from sepreformer_book.training import corpus_iterator, validate, validation_batches
+from sepreformer_book.fit import OptimizerConfig, make_optimizer, step
+from sepreformer_book.training import validate, validation_batches
 
 recipe, budget_s, eval_every_s, speed_only = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
 stop_s = min(budget_s, float(sys.argv[5]))
@@ -62,7 +63,7 @@ def fresh(optimizer):
     return model, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
 # 1. speed probe (also gives the FLOPs of one compiled step)
-batches = corpus_iterator(train_set, segment, batch_size, seed=0)
+batches = training_iterator(train_set, segment, batch_size, seed=0)
 probe_optimizer = make_optimizer(OptimizerConfig(learning_rate=recipe["learning_rate"]))
 model, state = fresh(probe_optimizer)
 batch = jax.device_put(next(batches))
@@ -85,7 +86,7 @@ if not speed_only:
                                                decay_steps=total_steps))
     jax.block_until_ready(step(*fresh(optimizer), batch, optimizer))  # compile outside the clock (step donates its inputs)
     model, state = fresh(optimizer)
-    batches = corpus_iterator(train_set, segment, batch_size, seed=0)
+    batches = training_iterator(train_set, segment, batch_size, seed=0)
     clock, steps, curve, next_eval = 0.0, 0, [], eval_every_s
     while clock < stop_s:  # past total_steps (a slow probe) the schedule holds its final learning rate
         tick = time.perf_counter()
@@ -143,8 +144,8 @@ def main() -> None:
     results = {name: run_recipe(name, args.budget_minutes * 60, args.eval_every, args.speed_only,
                                 stops.get(name, args.budget_minutes * 60)) for name in names}
     if args.save:
-        from sepreformer_book.config import active_profile
-        from sepreformer_book.data import CORPUS_MARKER, atomic_write, synthetic_corpus_root
+        from sepreformer_book.choir import CORPUS_MARKER, synthetic_corpus_root
+        from sepreformer_book.config import active_profile, atomic_write
         from sepreformer_book.model import PRESETS
 
         manifest = json.loads((synthetic_corpus_root(active_profile("book")) / CORPUS_MARKER).read_text())
@@ -164,7 +165,7 @@ def main() -> None:
               f"{r['gflops_per_s'] / peak:7.2f} {r['peak_rss_gb']:11.2f}  {json.dumps(RECIPES[name])}")
     if args.speed_only:
         return
-    from sepreformer_book.data import STEM_NAMES
+    from sepreformer_book.config import STEM_NAMES
 
     print(f"\nheld-out mean SI-SDRi (dB) by training time; target {args.target:+.1f} dB")
     for name, r in results.items():

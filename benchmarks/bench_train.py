@@ -19,7 +19,7 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 import equinox as eqx, jax, numpy as np
 from sepreformer_book.config import active_profile
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.train import make_optimizer, step
+from sepreformer_book.fit import make_optimizer, step
 from sepreformer_book.training import data_mesh, replicate, shard_batch
 
 profile = active_profile(preset)

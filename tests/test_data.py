@@ -15,10 +15,10 @@ import soundfile as sf
 from beartype import beartype
 from jaxtyping import jaxtyped
 
-from sepreformer_book import data
-from sepreformer_book.config import Profile
-from sepreformer_book.data import (CORPUS_MARKER, STEM_NAMES, SYNTH_SUBSET, TEST_LIST_NAME, VALID_LIST_NAME,
-                                   CorpusError, JaCappellaDataset, loader, make_corpus, training_iterator)
+from sepreformer_book import choir, config, data
+from sepreformer_book.choir import CORPUS_MARKER, SYNTH_SUBSET, make_corpus
+from sepreformer_book.config import STEM_NAMES, TEST_LIST_NAME, VALID_LIST_NAME, CorpusError, Profile
+from sepreformer_book.data import JaCappellaDataset, loader, training_iterator
 
 SR = 8000
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_split_is_disjoint_by_song_and_tune_family(corpus):
 
 def test_split_by_family_keeps_families_together():
     songs = [{"song": f"s{i}", "family": f"f{i // 3}"} for i in range(12)]
-    split = data.split_by_family(songs)
+    split = choir.split_by_family(songs)
     family_of = {s["song"]: s["family"] for s in songs}
     fams = {k: {family_of[s] for s in v} for k, v in split.items()}
     assert not (fams["train"] & fams["test"]) and not (fams["train"] & fams["valid"]) and not (fams["valid"] & fams["test"])
@@ -83,40 +83,40 @@ def test_corpus_is_deterministic(tmp_path, corpus):
     for part in ("mixture", "lead_vocal", "bass"):
         assert (first / f"{part}.wav").read_bytes() == (again / SYNTH_SUBSET / first.name / f"{part}.wav").read_bytes()
     rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(2)
-    voices = data.read_chorale(data.chorale_paths()[0])
-    a = data.render_song(voices, 1.0, SR, rng_a)["alto"]
-    b = data.render_song(voices, 1.0, SR, rng_b)["alto"]
+    voices = choir.read_chorale(choir.chorale_paths()[0])
+    a = choir.render_song(voices, 1.0, SR, rng_a)["alto"]
+    b = choir.render_song(voices, 1.0, SR, rng_b)["alto"]
     assert not np.array_equal(a, b)
 
 
 def test_voice_model_pitch_band_limit_and_distinct_lead():
-    render = jaxtyped(typechecker=beartype)(data.render_voice)
+    render = jaxtyped(typechecker=beartype)(choir.render_voice)
     sr = 16000
-    dry = dataclasses.replace(data.VOICE_DEFAULTS["tenor"], breathiness=0.0)  # breath noise is broadband on purpose
+    dry = dataclasses.replace(choir.VOICE_DEFAULTS["tenor"], breathiness=0.0)  # breath noise is broadband on purpose
     note = render([(0.0, 1.0, 57)], dry, sr, sr, np.random.default_rng(0), vowels=["a"])
     spectrum = np.abs(np.fft.rfft(note[4000:12000] * np.hanning(8000)))
     freqs = np.fft.rfftfreq(8000, 1 / sr)
     assert abs(freqs[np.argmax(spectrum * (freqs < 300))] - 220.0) < 4.0
     assert spectrum[freqs > 5200].max() < 1e-3 * spectrum.max()  # harmonics stop below 5 kHz
-    voices = data.read_chorale(data.chorale_paths()[0])
-    parts = data.render_song(voices, 3.0, SR, np.random.default_rng(3))
+    voices = choir.read_chorale(choir.chorale_paths()[0])
+    parts = choir.render_song(voices, 3.0, SR, np.random.default_rng(3))
     lead, soprano = parts["lead_vocal"].astype(float), parts["soprano"].astype(float)
     corr = abs(lead @ soprano) / (np.linalg.norm(lead) * np.linalg.norm(soprano) + 1e-9)
     assert corr < 0.5
-    with_beat = data.render_song(voices, 2.0, SR, np.random.default_rng(3), vocal_percussion=True)
+    with_beat = choir.render_song(voices, 2.0, SR, np.random.default_rng(3), vocal_percussion=True)
     assert set(with_beat) == set(STEM_NAMES) | {"vocal_percussion"}
 
 
 def test_tune_family_ignores_key():
-    notes = [data.Note(i, i + 1, p) for i, p in enumerate([60, 62, 64, 65, 67, 69, 71, 72])]
-    shifted = [data.Note(n.start, n.end, n.pitch + 5) for n in notes]
-    assert data.tune_family(notes) == data.tune_family(shifted)
+    notes = [choir.Note(i, i + 1, p) for i, p in enumerate([60, 62, 64, 65, 67, 69, 71, 72])]
+    shifted = [choir.Note(n.start, n.end, n.pitch + 5) for n in notes]
+    assert choir.tune_family(notes) == choir.tune_family(shifted)
 
 
 # ---------------------------------------------------------------- atomic writes and the command line
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "result.json"
-    data.atomic_write(target, lambda f: f.write(b"old"))
+    config.atomic_write(target, lambda f: f.write(b"old"))
     assert target.read_bytes() == b"old"
 
     def half_then_crash(f):
@@ -124,9 +124,9 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        data.atomic_write(target, half_then_crash)
+        config.atomic_write(target, half_then_crash)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
-    data.atomic_write(str(target), lambda f: f.write(b"new"))  # a str path works too
+    config.atomic_write(str(target), lambda f: f.write(b"new"))  # a str path works too
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
@@ -134,7 +134,7 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
     def fail(*_):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(data, "split_by_family", fail)
+    monkeypatch.setattr(choir, "split_by_family", fail)
     with pytest.raises(RuntimeError):
         make_corpus(tmp_path / "c", songs=1, seconds=0.5, workers=1, progress=False)
     assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
@@ -142,7 +142,7 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
 
 def test_killed_build_is_not_mistaken_for_a_corpus(tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sepreformer_book.data", "make-corpus", str(out), "--songs", "4",
+    proc = subprocess.Popen([sys.executable, "-m", "sepreformer_book.choir", "make-corpus", str(out), "--songs", "4",
                              "--seconds", "6", "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 30
@@ -151,7 +151,7 @@ def test_killed_build_is_not_mistaken_for_a_corpus(tmp_path):
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not out.exists() and not data.is_complete_corpus(out)
+    assert not out.exists() and not choir.is_complete_corpus(out)
     with pytest.raises(CorpusError, match="does not exist"):
         JaCappellaDataset(out)
 
@@ -161,16 +161,16 @@ def test_rebuild_replaces_only_what_make_corpus_wrote(tmp_path):
     JaCappellaDataset(out, SR, split="all")  # the loader's segment cache in <root>/.cache is ours too
     before = (out / CORPUS_MARKER).read_text()
     make_corpus(out, songs=1, seconds=0.5, seed=2, workers=1, progress=False)
-    assert data.is_complete_corpus(out, seed=2) and (out / CORPUS_MARKER).read_text() != before
+    assert choir.is_complete_corpus(out, seed=2) and (out / CORPUS_MARKER).read_text() != before
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
     (out / "notes.txt").write_text("the reader's")
     (out / SYNTH_SUBSET / "my_song").mkdir()
     with pytest.raises(CorpusError, match="did not write.*my_song.*notes.txt|did not write.*notes.txt.*my_song"):
         make_corpus(out, songs=1, seconds=0.5, seed=3, workers=1, progress=False)
-    assert (out / "notes.txt").read_text() == "the reader's" and data.is_complete_corpus(out, seed=2)
+    assert (out / "notes.txt").read_text() == "the reader's" and choir.is_complete_corpus(out, seed=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary folder left behind
     (tmp_path / "empty").mkdir()
-    assert data.is_complete_corpus(make_corpus(tmp_path / "empty", songs=1, seconds=0.5, workers=1, progress=False))
+    assert choir.is_complete_corpus(make_corpus(tmp_path / "empty", songs=1, seconds=0.5, workers=1, progress=False))
 
 
 def test_make_corpus_refuses_a_folder_of_the_readers(tmp_path):
@@ -179,7 +179,7 @@ def test_make_corpus_refuses_a_folder_of_the_readers(tmp_path):
     (tmp_path / "v" / "mydata" / "KEEP.txt").write_text("keep")
     message = _expect(tmp_path / "v", "No songs found")
     assert f"make-corpus {tmp_path / 'v'}" not in message and "NEW_FOLDER" in message
-    command = [sys.executable, "-m", "sepreformer_book.data", "make-corpus", str(tmp_path / "v"), "--songs", "1",
+    command = [sys.executable, "-m", "sepreformer_book.choir", "make-corpus", str(tmp_path / "v"), "--songs", "1",
                "--seconds", "0.5", "--workers", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and str(tmp_path / "v") in done.stderr and "mydata" in done.stderr
@@ -194,33 +194,33 @@ def test_make_corpus_refuses_a_folder_of_the_readers(tmp_path):
 
 def test_cli_make_corpus(tmp_path):
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "sepreformer_book.data", "make-corpus", str(out), "--songs", "1",
+    result = subprocess.run([sys.executable, "-m", "sepreformer_book.choir", "make-corpus", str(out), "--songs", "1",
                              "--seconds", "0.5", "--seed", "3", "--sample-rate", "16000", "--workers", "1"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote 1 songs" in result.stdout
     manifest = json.loads((out / CORPUS_MARKER).read_text())
     assert (manifest["seed"], manifest["sample_rate"], manifest["seconds"]) == (3, 16000, 0.5)
-    bad = subprocess.run([sys.executable, "-m", "sepreformer_book.data", "make-corpus", str(out), "--songs", "0"],
+    bad = subprocess.run([sys.executable, "-m", "sepreformer_book.choir", "make-corpus", str(out), "--songs", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "songs >= 1" in bad.stderr
 
 
 def test_corpus_location_and_ensure(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.JACAPPELLA_ENV, raising=False)
-    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.delenv(config.JACAPPELLA_ENV, raising=False)
+    monkeypatch.delenv(choir.DATA_ENV, raising=False)
     tiny = Profile("tiny", sample_rate=SR, segment_seconds=0.25, batch_size=1, corpus_songs=1, corpus_seconds=0.5,
                    overfit_steps=1)
-    assert data.default_corpus_root(tiny) == REPO / "data" / "chorales-tiny"  # a source checkout
-    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
-    assert data.default_corpus_root(tiny) == tmp_path / "chorales-tiny"
-    root = data.ensure_corpus(tiny, progress=False)
+    assert choir.default_corpus_root(tiny) == REPO / "data" / "chorales-tiny"  # a source checkout
+    monkeypatch.setenv(choir.DATA_ENV, str(tmp_path))
+    assert choir.default_corpus_root(tiny) == tmp_path / "chorales-tiny"
+    root = choir.ensure_corpus(tiny, progress=False)
     stamp = (root / CORPUS_MARKER).stat().st_mtime_ns
-    assert data.ensure_corpus(tiny, progress=False) == root and (root / CORPUS_MARKER).stat().st_mtime_ns == stamp
-    monkeypatch.setenv(data.JACAPPELLA_ENV, str(tmp_path / "real"))
-    assert data.default_corpus_root(tiny) == tmp_path / "real"
+    assert choir.ensure_corpus(tiny, progress=False) == root and (root / CORPUS_MARKER).stat().st_mtime_ns == stamp
+    monkeypatch.setenv(config.JACAPPELLA_ENV, str(tmp_path / "real"))
+    assert choir.default_corpus_root(tiny) == tmp_path / "real"
     with pytest.raises(FileNotFoundError, match="JACAPPELLA_ROOT"):
-        data.ensure_corpus(tiny)
+        choir.ensure_corpus(tiny)
 
 
 # ---------------------------------------------------------------- the loader
@@ -435,3 +435,16 @@ def test_bad_inputs(tmp_path):
     _expect(tmp_path / "nan", "Unknown stem name.*baritone.*lead_vocal", stems=("bass", "baritone"))
     with pytest.raises(ValueError, match="split must be"):
         JaCappellaDataset(tmp_path / "nan", SR, split="dev")
+
+
+def test_each_process_reads_its_share_of_every_global_batch(train):
+    """Two processes with one item each read exactly the rows of the two-item batches one process reads."""
+    whole = training_iterator(train, 400, 2, seed=5)
+    shares = [training_iterator(train, 400, 2, seed=5, process_index=p, process_count=2) for p in (0, 1)]
+    for _ in range(3):
+        batch = next(whole)
+        rows = [next(share) for share in shares]
+        assert all(r["mixture"].shape == (1, 400) for r in rows)
+        np.testing.assert_array_equal(np.concatenate([r["mixture"] for r in rows]), batch["mixture"])
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        training_iterator(train, 400, 3, process_index=0, process_count=2)

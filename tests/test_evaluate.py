@@ -12,13 +12,16 @@ from beartype import beartype
 from jaxtyping import TypeCheckError, jaxtyped
 
 from sepreformer_book import evaluate
-from sepreformer_book.data import STEM_NAMES, TEST_LIST_NAME, CorpusError, JaCappellaDataset
-from sepreformer_book.evaluate import (METRICS, crossfade_weights, evaluate_model, frame_grid, markdown_table,
-                                       mean_over_parts, mixture_consistent, oracle_irm, oracle_stft_sizes, score_parts,
-                                       separate_long, summarise, window_sizes, window_starts, write_scores_csv)
+from sepreformer_book.config import STEM_NAMES, TEST_LIST_NAME, CorpusError
+from sepreformer_book.data import JaCappellaDataset
+from sepreformer_book.evaluate import (METRICS, evaluate_model, markdown_table, mean_over_parts,
+                                       mixture_consistent, oracle_irm, oracle_stft_sizes, score_parts,
+                                       summarise, write_scores_csv)
+from sepreformer_book.inference import (crossfade_weights, frame_grid, separate_long, window_sizes,
+                                        window_starts)
 from sepreformer_book.losses import si_sdr
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.train import separate_batch
+from sepreformer_book.fit import separate_batch
 
 RATE = 8000
 
@@ -242,12 +245,11 @@ def test_csv_and_markdown_are_written_atomically_and_parse(tmp_path):
 
 @pytest.fixture
 def fake_checkpoint(monkeypatch):
-    """`training.load_model` replaced by a fresh ci model with the metadata a checkpoint carries."""
-    from sepreformer_book import training
+    """The evaluate command's `load_model` replaced by a fresh ci model with the metadata a checkpoint carries."""
 
     meta = {"model_config": asdict(PRESETS["ci"]), "sample_rate": RATE, "stems": list(STEM_NAMES), "step": 0,
             "profile": "ci"}
-    monkeypatch.setattr(training, "load_model", lambda checkpoint=None: (five_stem_model(), meta))
+    monkeypatch.setattr(evaluate, "load_model", lambda checkpoint=None: (five_stem_model(), meta))
     return meta
 
 

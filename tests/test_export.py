@@ -37,7 +37,7 @@ def test_committed_modules_match_the_notebooks(tmp_path):
 
 def test_drift_is_detected_when_a_notebook_changes(tmp_path):
     project = copy_project(tmp_path)
-    chapter = project / "chapters" / "00_setup.ipynb"
+    chapter = project / "chapters" / "00_config.ipynb"
     notebook = nbformat.read(chapter, as_version=4)
     cell = nbformat.v4.new_code_cell("#| export: true\nDRIFT_PROBE = 1")
     cell.id = "driftprobe"

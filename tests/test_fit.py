@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from tensorboardX import SummaryWriter
 
-from sepreformer_book import train
+from sepreformer_book import fit
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.train import (OptimizerConfig, decay_mask, event_tags, make_optimizer, overfit, step,
-                                    train_loop)
+from sepreformer_book.fit import (OptimizerConfig, decay_mask, event_tags, make_optimizer, overfit, step,
+                                  train_loop)
 
 SAMPLE_RATE = 8000
 STEMS = ("a", "b", "c", "d", "e")
@@ -75,13 +75,13 @@ def test_make_optimizer_returns_one_object_per_config():
 
 def test_loss_falls_and_step_compiles_once(tiny_model):
     batch = harmonic_batch()
-    before = train.TRACE_COUNTS["step"]
+    before = fit.TRACE_COUNTS["step"]
     # A direct step with the default optimizer, then the loop: the loop must reuse the same compiled step.
     probe = SepReformer(PRESETS["ci"], key=jax.random.key(1))
     optimizer = make_optimizer()
     step(probe, optimizer.init(eqx.filter(probe, eqx.is_inexact_array)), batch, optimizer)
     _, _, history = overfit(tiny_model, batch, 12)
-    assert train.TRACE_COUNTS["step"] - before == 1
+    assert fit.TRACE_COUNTS["step"] - before == 1
     assert history.loss[-1] < history.loss[0]
     assert np.isfinite(history.grad_norm).all()
     # The silent stem of item 0 is left out of that stem's SI-SDR; item 1 still counts.
@@ -89,7 +89,7 @@ def test_loss_falls_and_step_compiles_once(tiny_model):
 
 
 def test_schedule_warms_up_and_decays():
-    schedule = train.learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=10, decay_steps=100))
+    schedule = fit.learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=10, decay_steps=100))
     assert float(schedule(0)) == 0.0
     assert float(schedule(10)) == pytest.approx(1e-3)
     assert float(schedule(100)) == pytest.approx(1e-4)
@@ -113,7 +113,7 @@ def test_metric_shapes_are_type_checked():
     from jaxtyping import TypeCheckError, jaxtyped
 
     batch = harmonic_batch()
-    checked = jaxtyped(typechecker=beartype)(train.stem_si_sdr)
+    checked = jaxtyped(typechecker=beartype)(fit.stem_si_sdr)
     estimates = jnp.asarray(batch["stems"])
     per_stem = checked(estimates, batch)
     assert per_stem.shape == (len(STEMS),) and np.isfinite(np.asarray(per_stem)).all()

@@ -12,19 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jaxtyping import Float, Array, TypeCheckError
 
-from sepreformer_book.losses import (
-    STFT_RESOLUTIONS,
-    composite_loss,
-    loss_fn,
-    mr_stft_loss,
-    periodic_hann,
-    seed_composite_loss,
-    si_sdr,
-    si_sdri,
-    silence_penalty,
-    stft_loss_single,
-    stft_mag,
-)
+from sepreformer_book.losses import (STFT_RESOLUTIONS, composite_loss, loss_fn, mr_stft_loss, periodic_hann,
+                                     seed_composite_loss, si_sdr, si_sdri, silence_penalty, stft_loss_single,
+                                     stft_mag)
 
 SMALL = ((64, 16, 64),)  # one tiny STFT resolution for property tests
 T = 256  # samples in property-test signals

@@ -10,11 +10,11 @@ from beartype import beartype
 from jaxtyping import Array, Float, TypeCheckError, jaxtyped
 
 from sepreformer_book.conv import Decoder, Encoder, frame_count, padded_length
-from sepreformer_book.dual_path import (DualPathBlock, TransformerBlock, apply_rowwise, chunk_validity,
-                                        ThroughEquinox, dual_path_reference, feedforward, project_qkv, rope_attention,
-                                        rope_attention_reference, rope_tables)
-from sepreformer_book.model import (PRESETS, ModelConfig, SepReformer, SplitLayer, forward_flops, model_config_for,
-                                    parameter_count)
+from sepreformer_book.dual_path import (DualPathBlock, ThroughEquinox, TransformerBlock, apply_rowwise,
+                                        chunk_validity, dual_path_reference, feedforward, project_qkv,
+                                        rope_attention, rope_attention_reference, rope_tables)
+from sepreformer_book.model import (PRESETS, ModelConfig, SepReformer, SplitLayer, forward_flops,
+                                    model_config_for, parameter_count)
 from sepreformer_book.snake import Snake, reduced_sin_cos, snake
 
 CI = PRESETS["ci"]
@@ -196,7 +196,7 @@ def test_book_preset_size_and_profiles():
     model = eqx.filter_eval_shape(SepReformer, book, key=jax.random.key(0))
     assert 0.30e6 < parameter_count(model) < 0.36e6
     for name in ("ci", "book", "full"):
-        assert model_config_for(name) is PRESETS[name]
+        assert model_config_for(name) == PRESETS[name]
 
 
 def test_forward_flops_positive_and_grow_with_length():

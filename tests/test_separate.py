@@ -10,9 +10,10 @@ from beartype import beartype
 from jaxtyping import jaxtyped
 
 from sepreformer_book import separate
-from sepreformer_book.data import STEM_NAMES
+from sepreformer_book.config import STEM_NAMES, AudioFileError
+from sepreformer_book.data import read_wav
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.separate import AudioFileError, read_song, separate_file, song_name
+from sepreformer_book.separate import say, separate_file, song_name
 
 RATE = 8000
 SIZES = dict(sample_rate=RATE, stems=STEM_NAMES, window_seconds=0.5, overlap_seconds=0.0625, batch_windows=2)
@@ -34,22 +35,22 @@ def stereo_song(tmp_path):
     return path
 
 
-def test_read_song_downmixes_resamples_and_says_so(stereo_song, capsys):
-    audio = jaxtyped(typechecker=beartype)(read_song)(stereo_song, RATE)
+def test_read_wav_downmixes_resamples_and_says_so(stereo_song, capsys):
+    audio = jaxtyped(typechecker=beartype)(read_wav)(stereo_song, RATE, say=say)
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert abs(audio.size - 57_331 * RATE / 44_100) <= 1
     err = capsys.readouterr().err
     assert "2 channels mixed down to mono" in err and "44100 Hz to the model's 8000 Hz" in err
-    same_rate = read_song(stereo_song, 44_100)
+    same_rate = read_wav(stereo_song, 44_100, say=say)
     raw = sf.read(stereo_song, dtype="float32")[0]
     np.testing.assert_allclose(same_rate, raw.mean(axis=1), atol=1e-7)
     assert "resampled" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind, message", [("missing", "does not exist"), ("directory", "is a directory"),
-                                           ("empty", "is empty"), ("text", "not audio"),
+                                           ("empty", "is empty"), ("text", "not a readable"),
                                            ("no samples", "holds no samples"), ("nan", "NaN")])
-def test_read_song_errors_name_the_file_and_the_fix(tmp_path, kind, message):
+def test_read_wav_errors_name_the_file_and_the_fix(tmp_path, kind, message):
     path = tmp_path / f"{kind.replace(' ', '-')}.wav"
     if kind == "directory":
         path.mkdir()
@@ -62,7 +63,7 @@ def test_read_song_errors_name_the_file_and_the_fix(tmp_path, kind, message):
     elif kind == "nan":
         sf.write(path, np.array([0.1, np.inf, np.nan], np.float32), RATE, subtype="FLOAT")
     with pytest.raises(AudioFileError, match=message) as error:
-        read_song(path, RATE)
+        read_wav(path, RATE)
     assert path.name in str(error.value)
 
 
@@ -75,7 +76,7 @@ def test_separate_file_writes_parts_and_residual_that_sum_to_the_mixture(ci_mode
     paths = separate_file(ci_model, stereo_song, tmp_path / "out", **SIZES)
     assert set(paths) == {*STEM_NAMES, "residual"}
     assert all(p.parent == tmp_path / "out" / "song" for p in paths.values())
-    mixture = read_song(stereo_song, RATE)
+    mixture = read_wav(stereo_song, RATE)
     written = {}
     for name, path in paths.items():
         audio, rate = sf.read(path, dtype="float32")
@@ -90,7 +91,7 @@ def test_separate_file_rescales_parts_to_the_mixture_unless_asked_not_to(ci_mode
     assert "part gains" in capsys.readouterr().err
     raw = separate_file(ci_model, stereo_song, tmp_path / "raw", keep_model_gains=True, **SIZES)
     assert "part gains" not in capsys.readouterr().err
-    mixture = read_song(stereo_song, RATE).astype(np.float64)
+    mixture = read_wav(stereo_song, RATE).astype(np.float64)
     residual_energy = lambda paths: float(np.sum(sf.read(paths["residual"], dtype="float64")[0] ** 2))
     assert residual_energy(calibrated) <= residual_energy(raw) + 1e-9
     parts = np.stack([sf.read(calibrated[name], dtype="float64")[0] for name in STEM_NAMES])
@@ -100,7 +101,7 @@ def test_separate_file_rescales_parts_to_the_mixture_unless_asked_not_to(ci_mode
 
 def test_separate_file_resamples_outputs_when_asked(ci_model, stereo_song, tmp_path):
     paths = separate_file(ci_model, stereo_song, tmp_path / "out", output_rate=44_100, **SIZES)
-    mixture_44k = read_song(stereo_song, 44_100)
+    mixture_44k = read_wav(stereo_song, 44_100, say=say)
     parts = [sf.read(p, dtype="float32") for p in paths.values()]
     assert {rate for _, rate in parts} == {44_100}
     assert all(abs(audio.size - mixture_44k.size) <= 1 for audio, _ in parts)
@@ -126,12 +127,10 @@ def test_separate_file_rejects_a_model_with_the_wrong_number_of_parts(stereo_son
 
 @pytest.fixture
 def fake_checkpoint(monkeypatch, ci_model):
-    """`training.load_model` replaced by the ci model with the metadata a checkpoint carries."""
-    from sepreformer_book import training
-
+    """The separate command's `load_model` replaced by the ci model with the metadata a checkpoint carries."""
     meta = {"model_config": asdict(PRESETS["ci"]), "sample_rate": RATE, "stems": list(STEM_NAMES), "step": 0,
             "profile": "ci"}
-    monkeypatch.setattr(training, "load_model", lambda checkpoint=None: (ci_model, meta))
+    monkeypatch.setattr(separate, "load_model", lambda checkpoint=None: (ci_model, meta))
 
 
 def test_main_separates_any_file_and_refuses_to_clobber(stereo_song, tmp_path, fake_checkpoint, capsys):

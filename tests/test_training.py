@@ -16,13 +16,14 @@ import soundfile as sf
 from beartype import beartype
 from jaxtyping import jaxtyped
 
-from sepreformer_book.config import active_profile
-from sepreformer_book import training
-from sepreformer_book.data import STEM_NAMES, VALID_LIST_NAME, JaCappellaDataset, ensure_corpus
+from sepreformer_book.checkpoints import (DEFAULT_CHECKPOINT, CheckpointError, complete_steps, load_model, read_meta,
+                                          restore_checkpoint, save_checkpoint)
+from sepreformer_book.choir import ensure_corpus
+from sepreformer_book.config import STEM_NAMES, VALID_LIST_NAME, active_profile
+from sepreformer_book.data import JaCappellaDataset, training_iterator
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.training import (CheckpointError, _read_jsonl, corpus_iterator, load_model, main,
-                                       parallel_check, read_meta, restore_checkpoint, run_config_for, save_checkpoint,
-                                       train_on_corpus, validate, validation_batches, validation_scores)
+from sepreformer_book.training import (_read_jsonl, main, parallel_check, publish_run, run_config_for, train_on_corpus,
+                                       validate, validation_batches, validation_scores)
 
 # One run configuration for every in-process training test: one compile of the step serves them all.
 RUN = run_config_for("ci", steps=8, checkpoint_every=4, valid_every=4, audio_every=100)
@@ -52,11 +53,11 @@ def test_run_config_overrides_and_unknown_fields():
 
 def test_iterator_state_replays_the_stream(root):
     dataset = JaCappellaDataset(root, sample_rate=8000, split="train")
-    stream = corpus_iterator(dataset, 800, 2, seed=3)
+    stream = training_iterator(dataset, 800, 2, seed=3)
     next(stream)
     state = stream.get_state()
     expected = [next(stream)["mixture"] for _ in range(3)]
-    replay = corpus_iterator(dataset, 800, 2, seed=3, state=state)
+    replay = training_iterator(dataset, 800, 2, seed=3, state=state)
     assert all(np.array_equal(next(replay)["mixture"], e) for e in expected)
 
 
@@ -174,15 +175,13 @@ def test_command_line_run_writes_its_files(root, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_train_module_runs_the_command():
-    done = subprocess.run([sys.executable, "-m", "sepreformer_book.train", "--help"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0 and "--resume" in done.stdout
+def test_training_module_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "sepreformer_book.training", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--resume" in done.stdout and "--strict" in done.stdout
 
 
 def test_publish_run_copies_the_best_model_with_a_readme(uninterrupted, tmp_path):
-    from sepreformer_book.training import publish_run
-
     dest = publish_run(uninterrupted.out, tmp_path / "shipped", command="python -m sepreformer_book.training --x")
     model, meta = load_model(dest)
     best, _ = load_model(uninterrupted.out)
@@ -201,8 +200,6 @@ def test_publish_run_copies_the_best_model_with_a_readme(uninterrupted, tmp_path
 
 
 def test_the_shipped_model_loads_as_the_book_preset():
-    from sepreformer_book.training import DEFAULT_CHECKPOINT
-
     model, meta = load_model()
     assert model.config == PRESETS["book"] and meta["profile"] == "book"
     assert (DEFAULT_CHECKPOINT / "README.md").is_file()
@@ -264,7 +261,7 @@ def test_a_run_killed_during_a_checkpoint_write_resumes_or_restarts(root, tmp_pa
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert any("orbax-checkpoint-tmp" in p.name for p in (out / "checkpoints").rglob("*")), "no write was cut short"
-    resumable = bool(training.complete_steps(out / "checkpoints" / "last"))
+    resumable = bool(complete_steps(out / "checkpoints" / "last"))
     result = train_on_corpus(RUN, root, out, resume=resumable, progress=False, tensorboard=False)
     printed = capsys.readouterr().out
     assert ("resuming" in printed) if resumable else ("starting the run afresh" in printed or not printed)
