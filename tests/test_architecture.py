@@ -79,11 +79,11 @@ def test_every_profile_owns_its_numbers_once(name):
 
 
 def test_the_shipped_model_separates_the_reference_input_as_before_the_refactoring():
-    """tests/data/shipped_model_reference.npz was written by the shipped model before the library was split into
+    """tests/reference/shipped_model_reference.npz was written by the shipped model before the library was split into
     one module per chapter; the same weights must give the same outputs."""
     from sepreformer_book.checkpoints import load_model
 
-    reference = np.load(Path(__file__).parent / "data" / "shipped_model_reference.npz")
+    reference = np.load(Path(__file__).parent / "reference" / "shipped_model_reference.npz")
     model, _ = load_model()
     output = np.asarray(model(jnp.asarray(reference["input"])))
     assert output.shape == reference["output"].shape
