@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 from jaxtyping import Float
 
-from .config import (ALL_STEMS, CORPUS_SAMPLE_RATE, JACAPPELLA_ENV, STEM_NAMES,
+from .config import (CORPUS_SAMPLE_RATE, JACAPPELLA_ENV, STEM_NAMES,
                                      TEST_LIST_NAME, VALID_LIST_NAME, CorpusError, Profile, active_profile)
 
 # %% ../chapters/01_choir.ipynb #ch01-consts

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from jaxtyping import Float
 
 from .checkpoints import load_model
 from .config import AudioFileError, atomic_write

@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, PyTree
 
 from .checkpoints import (CheckpointError, checkpoint_root, complete_steps, differences, read_meta,
                                           restore_checkpoint, save_checkpoint)
-from .choir import default_corpus_root, ensure_corpus, synthetic_corpus_root
+from .choir import ensure_corpus, synthetic_corpus_root
 from .config import (JACAPPELLA_ENV, PROFILES, STEM_NAMES, CorpusError, Profile, active_profile,
                                      atomic_write)
 from .data import JaCappellaDataset, read_segment, training_iterator
@@ -226,15 +226,20 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _map_floats(value, change):
+    """`value` (numbers, lists, arrays, dicts) with `change` applied to every float in it."""
+    if isinstance(value, (float, np.floating)):
+        return change(float(value))
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_map_floats(v, change) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_floats(v, change) for k, v in value.items()}
+    return value
+
+
 def _measured(value):
     """`value` with every NaN or infinite float replaced by None: JSON's "not measured" (bare NaN is not JSON)."""
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_measured(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _measured(v) for k, v in value.items()}
-    return value
+    return _map_floats(value, lambda x: x if np.isfinite(x) else None)
 
 
 def _json_line(record: dict) -> str:
@@ -427,10 +432,9 @@ def corpus_for_every_process(profile: Profile):
         return ensure_corpus(profile)
     from jax.experimental import multihost_utils
 
-    if jax.process_index() == 0:
-        ensure_corpus(profile)
+    root = ensure_corpus(profile) if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("corpus ready")
-    return ensure_corpus(profile, progress=False)
+    return root or ensure_corpus(profile, progress=False)
 
 # %% ../chapters/10_training.ipynb #1889304e
 def build_parser() -> argparse.ArgumentParser:
@@ -521,16 +525,6 @@ def start_local_processes(argv: list[str], processes: int = 2, extra: list[list[
 LOG_DIGITS = 5  # significant digits of the shipped per-step log: far below its noise, and half its size
 
 
-def _round_floats(value, digits: int):
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, list):
-        return [_round_floats(v, digits) for v in value]
-    if isinstance(value, dict):
-        return {k: _round_floats(v, digits) for k, v in value.items()}
-    return value
-
-
 def publish_run(run_dir: str | os.PathLike, dest: str | os.PathLike, command: str) -> Path:
     """Copy the best checkpoint and the logs of the run in `run_dir` to `dest` (replacing it atomically), with a
     README.md that says how the model was made (`command` is the exact command line used)."""
@@ -544,8 +538,9 @@ def publish_run(run_dir: str | os.PathLike, dest: str | os.PathLike, command: st
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(best_root, staging)
     shutil.copy2(run_dir / "validation.jsonl", staging / "validation.jsonl")
+    rounded = lambda x: float(f"{x:.{LOG_DIGITS}g}")
     (staging / "metrics.jsonl").write_text(
-        "".join(json.dumps(_round_floats(r, LOG_DIGITS)) + "\n" for r in _read_jsonl(run_dir / "metrics.jsonl")))
+        "".join(json.dumps(_map_floats(r, rounded)) + "\n" for r in _read_jsonl(run_dir / "metrics.jsonl")))
     profile = active_profile(best["profile"])
     data = f"the corpus at {best['data_root']}"
     if Path(best["data_root"]).resolve() == synthetic_corpus_root(profile).resolve():
