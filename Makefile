@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: book test export check-export data lab bench bench-ttq venv train
+.PHONY: book test export check-export data lab bench bench-ttq bench-gen venv train
 
 # (Re)install when pyproject.toml changes; pip's cache makes a rerun cheap.
 $(STAMP): pyproject.toml
@@ -49,8 +49,14 @@ lab: $(STAMP)
 # Every benchmark once; time to quality only as a speed probe (its real measurement is `make bench-ttq`).
 bench: $(STAMP)
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; \
-	  if [[ $$script == *time_to_quality* ]]; then $(PY) $$script --speed-only; else $(PY) $$script; fi; done
+	  if [[ $$script == *time_to_quality* ]]; then $(PY) $$script --speed-only; \
+	  elif [[ $$script == *generalisation* ]]; then echo "(training ablation: make bench-gen)"; \
+	  else $(PY) $$script; fi; done
 
 # About 65 minutes on a 2-core CPU; leave the machine otherwise idle. The speed appendix plots the saved file.
 bench-ttq: $(STAMP)
 	$(PY) benchmarks/bench_time_to_quality.py --save benchmarks/results/time_to_quality.json
+
+# Trains six variants for 10 minutes each (plus rendering their corpora once): about an hour on a 2-core CPU.
+bench-gen: $(STAMP)
+	$(PY) benchmarks/bench_generalisation.py --save benchmarks/results/generalisation.json

@@ -1,0 +1,158 @@
+"""What the randomised choir and augmentation buy on voices the model never heard: train variants of the recipe for
+the same wall-clock budget, one after another in one run, and score each on the held-out-voices corpus.
+
+    python benchmarks/bench_generalisation.py [--budget-minutes 10] [--variants today,randomised,...]
+                                              [--save benchmarks/results/generalisation.json]
+
+Variants (the `book` model and run settings, batch 2 x 1 s, learning rate 2e-3, cosine decay over the budget):
+
+    today               the renderer before randomisation (benchmarks/legacy_choir.py), no augmentation
+    randomised          the randomised choir (the book's corpus), no augmentation
+    augmented           the randomised choir with augmentation: the book's recipe
+    remixed             as augmented, and one part in five taken from another song (Augment.remix = 0.2)
+    dry                 as augmented, but every song dry (what rooms buy)
+    one-source          as augmented, but one glottal source family (what the second family buys)
+
+Each variant trains in its own process; the corpora of the variants that need their own are rendered once under
+data/bench-generalisation/. Every model is scored on whole songs of three test sets: the test split of the corpus it
+trained on, the randomised choir's test split, and the held-out-voices corpus (the same test chorales sung with a
+source family, vowels and rooms that no variant trains on). Leave the machine otherwise idle.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS = {  # corpus: "legacy", or overrides of TRAINING_CHOIR; augment: None (off), or overrides of Augment()
+    "today": dict(corpus="legacy", augment=None),
+    "randomised": dict(corpus={}, augment=None),
+    "augmented": dict(corpus={}, augment={}),
+    "remixed": dict(corpus={}, augment={"remix": 0.2}),
+    "dry": dict(corpus={"dry_fraction": 1.0}, augment={}),
+    "one-source": dict(corpus={"sources": ["harmonic"]}, augment={}),
+}
+
+CASE = r"""
+import json, sys, time, warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+import equinox as eqx, jax
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+sys.path.insert(0, str(Path(sys.argv[3])))
+from sepreformer_book import choir
+from sepreformer_book.config import PROFILES, atomic_write
+from sepreformer_book.data import Augment, JaCappellaDataset, training_iterator
+from sepreformer_book.evaluate import evaluate_model, mean_over_parts, summarise
+from sepreformer_book.fit import OptimizerConfig, make_optimizer, step
+from sepreformer_book.model import SepReformer, model_config_for
+
+name, variant, budget_s = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[4])
+profile = PROFILES["book"]
+config = model_config_for("book")
+rate, run = config.sample_rate, profile.run
+book_root = choir.ensure_corpus(profile, progress=False)
+held_out_root = choir.ensure_held_out_corpus(profile, progress=False)
+if variant["corpus"] == {}:
+    root = book_root
+else:
+    root = choir.data_home() / "bench-generalisation" / (variant["corpus"] if variant["corpus"] == "legacy" else name)
+    if variant["corpus"] == "legacy":
+        import legacy_choir
+        choir.render_song = legacy_choir.render_song  # the workers fork after this, so they sing the old way
+        singers = replace(choir.TRAINING_CHOIR, vocal_percussion=0.0)
+    else:
+        singers = replace(choir.TRAINING_CHOIR, **{k: tuple(v) if isinstance(v, list) else v
+                                                   for k, v in variant["corpus"].items()})
+    expected = dict(songs=profile.corpus_songs, seconds=profile.corpus_seconds, seed=0, choir=asdict(singers))
+    if not choir.is_complete_corpus(root, **expected):
+        choir.make_corpus(root, profile.corpus_songs, profile.corpus_seconds, seed=0, choir=singers, progress=False)
+        if variant["corpus"] == "legacy":  # say in its manifest which renderer sang it
+            manifest = json.loads((root / choir.CORPUS_MARKER).read_text())
+            manifest["renderer"] = "benchmarks/legacy_choir.py"
+            atomic_write(root / choir.CORPUS_MARKER, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+train_set = JaCappellaDataset(root, sample_rate=rate, split="train")
+batch_size, segment = profile.batch_size, int(profile.segment_seconds * rate)
+augment = None if variant["augment"] is None else Augment(**variant["augment"])
+
+def fresh(optimizer):
+    model = SepReformer(config, key=jax.random.key(0))
+    return model, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+probe = make_optimizer(OptimizerConfig(learning_rate=run["learning_rate"]))
+batches = training_iterator(train_set, segment, batch_size, seed=0, augment=augment)
+model, state = fresh(probe)
+model, state, metrics = step(model, state, jax.device_put(next(batches)), probe)
+jax.block_until_ready(metrics)
+tick = time.perf_counter()
+for _ in range(20):
+    model, state, metrics = step(model, state, jax.device_put(next(batches)), probe)
+jax.block_until_ready(metrics)
+total_steps = max(int(budget_s * 20 / (time.perf_counter() - tick)), 100)
+optimizer = make_optimizer(OptimizerConfig(learning_rate=run["learning_rate"], warmup_steps=run["warmup_steps"],
+                                           decay_steps=total_steps))
+batch = jax.device_put(next(batches))
+jax.block_until_ready(step(*fresh(optimizer), batch, optimizer))  # compile outside the clock
+model, state = fresh(optimizer)
+batches = training_iterator(train_set, segment, batch_size, seed=0, augment=augment)
+clock, steps = 0.0, 0
+while clock < budget_s:
+    tick = time.perf_counter()
+    model, state, metrics = step(model, state, jax.device_put(next(batches)), optimizer)
+    jax.block_until_ready(metrics)
+    clock += time.perf_counter() - tick
+    steps += 1
+scores = {}
+for label, test_root in (("own test", root), ("randomised test", book_root), ("held-out voices", held_out_root)):
+    test_set = JaCappellaDataset(test_root, sample_rate=rate, split="test")
+    scores[label] = mean_over_parts(summarise(evaluate_model(model, test_set), test_set.stems))
+print(json.dumps({"steps": steps, "seconds": clock, "scores": scores}))
+"""
+
+
+def run_variant(name: str, budget_s: float) -> dict:
+    done = subprocess.run([sys.executable, "-c", CASE, name, json.dumps(VARIANTS[name]), str(Path(__file__).parent),
+                           str(budget_s)], stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"variant {name} failed (exit {done.returncode}); see its error above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-minutes", type=float, default=10.0, help="training minutes per variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--save", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    results = {}
+    for name in names:
+        results[name] = run_variant(name, args.budget_minutes * 60)
+        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    labels = list(next(iter(results.values()))["scores"])
+    print(f"\nmean SI-SDRi over parts (dB) after {args.budget_minutes:g} training minutes each, whole test songs:\n")
+    print("| variant | steps | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    for name, result in results.items():
+        print(f"| {name} | {result['steps']} | " + " | ".join(f"{result['scores'][k]:.2f}" for k in labels) + " |")
+    base = results.get("augmented")
+    if base:
+        print("\nwhat each factor buys on held-out voices (augmented minus the variant without it):")
+        for name, factor in (("today", "randomised choir and augmentation together"), ("randomised", "augmentation"),
+                             ("remixed", "not remixing"), ("dry", "rooms"), ("one-source", "a second source family")):
+            if name in results:
+                gain = base["scores"]["held-out voices"] - results[name]["scores"]["held-out voices"]
+                print(f"  {factor}: {gain:+.2f} dB")
+    if args.save:
+        from sepreformer_book.config import atomic_write
+
+        payload = {"budget_minutes": args.budget_minutes, "variants": VARIANTS, "results": results}
+        atomic_write(args.save, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+
+
+if __name__ == "__main__":
+    main()
