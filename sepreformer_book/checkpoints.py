@@ -5,8 +5,8 @@ __all__ = ['CHECKPOINT_FORMAT', 'DEFAULT_CHECKPOINT', 'CheckpointError', 'save_c
            'read_meta', 'differences', 'restore_checkpoint', 'load_model']
 
 # %% ../chapters/09_checkpoints.ipynb #ckpt-imports
-"""Checkpoints: a model with its optimizer state and metadata, written atomically with Orbax, read back into the
-right model (generated from chapters/09_checkpoints.ipynb)."""
+"""Checkpoints: a model with its optimizer state and metadata, written atomically with Orbax, read
+back into the right model (generated from chapters/09_checkpoints.ipynb)."""
 import contextlib
 import logging
 import os
@@ -22,7 +22,9 @@ from .model import ModelConfig, SepReformer
 
 # %% ../chapters/09_checkpoints.ipynb #5cce11d6
 CHECKPOINT_FORMAT = 1
-DEFAULT_CHECKPOINT = Path(sepreformer_book.__file__).parent / "pretrained" / "book"  # shipped with the package
+DEFAULT_CHECKPOINT = (
+    Path(sepreformer_book.__file__).parent / "pretrained" / "book"
+)  # shipped with the package
 
 
 class CheckpointError(ValueError):
@@ -31,36 +33,50 @@ class CheckpointError(ValueError):
 
 @contextlib.contextmanager
 def _manager(directory: Path, read_only: bool = False):
-    """An Orbax manager keeping one checkpoint; read-only ones do not log their (expected) read-only notices."""
+    """An Orbax manager keeping one checkpoint; read-only ones do not log their (expected) read-only
+    notices."""
     import orbax.checkpoint as ocp
 
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR if read_only else level)
     try:
-        # cleanup_tmp_directories: a write killed before Orbax's final rename leaves `<step>.orbax-checkpoint-tmp`,
-        # which Orbax would trip over when it saves that step again
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only,
-                                               enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=not read_only)
+        # cleanup_tmp_directories: a write killed before Orbax's final rename leaves
+        # `<step>.orbax-checkpoint-tmp`, which Orbax would trip over when it saves that step again
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=not read_only,
+        )
         with ocp.CheckpointManager(Path(directory).absolute(), options=options) as manager:
             yield manager
     finally:
         absl_logger.setLevel(level)
 
 # %% ../chapters/09_checkpoints.ipynb #ckpt-1
-def save_checkpoint(directory: str | os.PathLike, step: int, model: eqx.Module, meta: dict,
-                    opt_state: PyTree | None = None) -> Path:
-    """Write model arrays (and optimizer state) with JSON metadata as checkpoint `step` under `directory`,
-    atomically; older checkpoints there are removed. Returns the step's directory."""
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    model: eqx.Module,
+    meta: dict,
+    opt_state: PyTree | None = None,
+) -> Path:
+    """Write model arrays (and optimizer state) with JSON metadata as checkpoint `step` under
+    `directory`, atomically; older checkpoints there are removed. Returns the step's directory."""
     import orbax.checkpoint as ocp
 
-    items = {"model": ocp.args.StandardSave(eqx.filter(model, eqx.is_array)),
-             "meta": ocp.args.JsonSave(dict(meta, format=CHECKPOINT_FORMAT, step=int(step)))}
+    items = {
+        "model": ocp.args.StandardSave(eqx.filter(model, eqx.is_array)),
+        "meta": ocp.args.JsonSave(dict(meta, format=CHECKPOINT_FORMAT, step=int(step))),
+    }
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(eqx.filter(opt_state, eqx.is_array))
     with _manager(Path(directory)) as manager:
-        if int(step) in manager.all_steps():  # a resumed run re-reaching a step saved after its last checkpoint
+        if (
+            int(step) in manager.all_steps()
+        ):  # a resumed run re-reaching a step saved after its last checkpoint
             manager.delete(int(step))
         manager.save(int(step), args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
@@ -68,9 +84,10 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: eqx.Module, 
 
 
 def complete_steps(directory: str | os.PathLike) -> list[int]:
-    """The steps with a complete checkpoint under `directory`, oldest first. Orbax writes a step into
-    `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when every file is written, so a folder named by
-    its step alone is whole, and anything else there is an interrupted write."""
+    """The steps with a complete checkpoint under `directory`, oldest first. Orbax writes a step
+    into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when every file is written,
+    so a folder named by its step alone is whole, and anything else there is an interrupted
+    write."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -78,16 +95,21 @@ def complete_steps(directory: str | os.PathLike) -> list[int]:
 
 # %% ../chapters/09_checkpoints.ipynb #ckpt-2
 def checkpoint_root(path: str | os.PathLike) -> Path:
-    """The Orbax directory meant by `path`: a run directory (its best checkpoint) or a checkpoint directory."""
+    """The Orbax directory meant by `path`: a run directory (its best checkpoint) or a checkpoint
+    directory."""
     path = Path(path).expanduser()
     for candidate in (path / "checkpoints" / "best", path):
         if complete_steps(candidate):
             return candidate
     if not path.exists():
-        raise CheckpointError(f"No checkpoint at {path}: train one with `python -m sepreformer_book.training --out "
-                              f"runs/NAME`, or leave --checkpoint out to use the one shipped with the book.")
-    raise CheckpointError(f"{path} holds no checkpoint (expected numbered step folders written by the training "
-                          f"command, or a run directory with checkpoints/best).")
+        raise CheckpointError(
+            f"No checkpoint at {path}: train one with `python -m sepreformer_book.training --out "
+            f"runs/NAME`, or leave --checkpoint out to use the one shipped with the book."
+        )
+    raise CheckpointError(
+        f"{path} holds no checkpoint (expected numbered step folders written by the training "
+        f"command, or a run directory with checkpoints/best)."
+    )
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -98,13 +120,19 @@ def read_meta(path: str | os.PathLike) -> dict:
     try:
         with _manager(root, read_only=True) as manager:
             step = manager.latest_step()
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
     except Exception as error:
-        raise CheckpointError(f"Cannot read the checkpoint metadata in {root} ({type(error).__name__}: {error}); "
-                              f"the checkpoint is incomplete or corrupt: delete it and resume from another.") from None
+        raise CheckpointError(
+            f"Cannot read the checkpoint metadata in {root} ({type(error).__name__}: {error}); "
+            f"the checkpoint is incomplete or corrupt: delete it and resume from another."
+        ) from None
     if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta:
-        raise CheckpointError(f"{root} is not a sepreformer-book checkpoint of format {CHECKPOINT_FORMAT} "
-                              f"(found format {meta.get('format')!r}).")
+        raise CheckpointError(
+            f"{root} is not a sepreformer-book checkpoint of format {CHECKPOINT_FORMAT} "
+            f"(found format {meta.get('format')!r})."
+        )
     return meta
 
 
@@ -113,19 +141,25 @@ def differences(saved: dict, requested: dict) -> dict:
     return {k: (saved.get(k), v) for k, v in requested.items() if saved.get(k) != v}
 
 # %% ../chapters/09_checkpoints.ipynb #ckpt-3
-def restore_checkpoint(path: str | os.PathLike, model: eqx.Module, opt_state: PyTree | None = None,
-                       meta: dict | None = None) -> tuple[eqx.Module, PyTree | None, dict]:
-    """Fill `model` (and `opt_state`) with the arrays of the newest checkpoint under `path`; the shapes must match.
-    `meta`: that checkpoint's metadata, when the caller has already read it."""
+def restore_checkpoint(
+    path: str | os.PathLike,
+    model: eqx.Module,
+    opt_state: PyTree | None = None,
+    meta: dict | None = None,
+) -> tuple[eqx.Module, PyTree | None, dict]:
+    """Fill `model` (and `opt_state`) with the arrays of the newest checkpoint under `path`; the
+    shapes must match. `meta`: that checkpoint's metadata, when the caller has already read it."""
     import orbax.checkpoint as ocp
 
     root = checkpoint_root(path)
     meta = read_meta(root) if meta is None else meta
     expected = asdict(model.config) if isinstance(model, SepReformer) else None
     if expected is not None and meta["model_config"] != expected:
-        raise CheckpointError(f"The checkpoint in {root} belongs to another model: (checkpoint, requested) differ in "
-                              f"{differences(meta['model_config'], expected)}. Use the same --profile, or another "
-                              f"--out for a new run.")
+        raise CheckpointError(
+            f"The checkpoint in {root} belongs to another model: (checkpoint, requested) differ in "
+            f"{differences(meta['model_config'], expected)}. Use the same --profile, or another "
+            f"--out for a new run."
+        )
 
     def target(tree):
         return jax.tree.map(ocp.utils.to_shape_dtype_struct, eqx.filter(tree, eqx.is_array))
@@ -137,7 +171,9 @@ def restore_checkpoint(path: str | os.PathLike, model: eqx.Module, opt_state: Py
         with _manager(root, read_only=True) as manager:
             restored = manager.restore(meta["step"], args=ocp.args.Composite(**items))
     except Exception as error:
-        raise CheckpointError(f"Cannot restore {root} into this model ({type(error).__name__}: {error}).") from None
+        raise CheckpointError(
+            f"Cannot restore {root} into this model ({type(error).__name__}: {error})."
+        ) from None
     model = eqx.combine(restored["model"], model)
     if opt_state is not None:
         opt_state = eqx.combine(restored["opt_state"], opt_state)
@@ -145,8 +181,8 @@ def restore_checkpoint(path: str | os.PathLike, model: eqx.Module, opt_state: Py
 
 
 def load_model(checkpoint: str | os.PathLike | None = None) -> tuple[SepReformer, dict]:
-    """A trained SepReformer and its metadata, from a run directory, a checkpoint directory, or (None) the checkpoint
-    shipped with the book."""
+    """A trained SepReformer and its metadata, from a run directory, a checkpoint directory, or
+    (None) the checkpoint shipped with the book."""
     root = checkpoint_root(DEFAULT_CHECKPOINT if checkpoint is None else checkpoint)
     meta = read_meta(root)
     skeleton = SepReformer(ModelConfig(**meta["model_config"]), key=jax.random.key(0))

@@ -6,7 +6,8 @@ __all__ = ['PROFILE_ENV', 'PROFILES', 'STEM_NAMES', 'OPTIONAL_STEMS', 'ALL_STEMS
            'AudioFileError', 'atomic_write', 'part_colour', 'peak_scale', 'listen']
 
 # %% ../chapters/00_config.ipynb #92dc6626
-"""Profiles, shared conventions and small helpers used by every chapter (generated from chapters/00_config.ipynb)."""
+"""Profiles, shared conventions and small helpers used by every chapter (generated from
+chapters/00_config.ipynb)."""
 
 import os
 import threading
@@ -23,10 +24,12 @@ PROFILE_ENV = "SEPREFORMER_PROFILE"
 
 @dataclass(frozen=True)
 class Profile:
-    """Everything that sizes the book on some machine: the corpus, the model and the training run, each number once.
+    """Everything that sizes the book on some machine: the corpus, the model and the training run,
+    each number once.
 
-    The model's and the run's settings are plain mappings here; `ModelConfig` (in the model chapter) and `RunConfig`
-    (in the training chapter) are built from a profile, so nothing below is written twice."""
+    The model's and the run's settings are plain mappings here; `ModelConfig` (in the model chapter)
+    and `RunConfig` (in the training chapter) are built from a profile, so nothing below is written
+    twice."""
 
     name: str
     sample_rate: int  # Hz the model sees; the corpus is stored at 48 kHz like jaCappella
@@ -35,43 +38,116 @@ class Profile:
     corpus_songs: int  # songs in the synthetic corpus (train + valid + test)
     corpus_seconds: float  # length of each synthetic song
     overfit_steps: int  # the overfitting chapter's step budget
-    model: dict = field(default_factory=dict, hash=False)  # ModelConfig's sizes besides the sample rate
-    run: dict = field(default_factory=dict, hash=False)  # RunConfig's defaults besides batch size and segment
+    model: dict = field(
+        default_factory=dict, hash=False
+    )  # ModelConfig's sizes besides the sample rate
+    run: dict = field(
+        default_factory=dict, hash=False
+    )  # RunConfig's defaults besides batch size and segment
 
 
 PROFILES: dict[str, Profile] = {
-    "ci": Profile("ci", sample_rate=8000, segment_seconds=0.5, batch_size=2, corpus_songs=6, corpus_seconds=4.0,
-                  overfit_steps=30,
-                  model=dict(kernel_size=16, stride=8, dim=16, num_heads=2, ff_dim=32, chunk_size=16,
-                             num_sep_blocks=1, num_rec_blocks=1),
-                  run=dict(steps=24, warmup_steps=4, valid_every=12, valid_segments=4, checkpoint_every=12,
-                           audio_every=12)),
-    # book: the original tutorial's width at 8 kHz, half its frames, one shared reconstruction block (see the model
-    # chapter); its run is the recipe measured in the speed appendix, about 75 minutes on a 2-core CPU
-    "book": Profile("book", sample_rate=8000, segment_seconds=1.0, batch_size=2, corpus_songs=120,
-                    corpus_seconds=20.0, overfit_steps=2000,
-                    model=dict(kernel_size=32, stride=16, dim=64, num_heads=4, ff_dim=256, chunk_size=64,
-                               num_sep_blocks=2, num_rec_blocks=1),
-                    run=dict(steps=20_000, learning_rate=2e-3, warmup_steps=50, valid_every=500, valid_segments=32,
-                             checkpoint_every=500)),
-    "full": Profile("full", sample_rate=44100, segment_seconds=2.0, batch_size=1, corpus_songs=300,
-                    corpus_seconds=40.0, overfit_steps=200,
-                    model=dict(kernel_size=16, stride=8, dim=256, num_heads=8, ff_dim=1024, chunk_size=64,
-                               num_sep_blocks=2, num_rec_blocks=2),
-                    run=dict(steps=200_000, warmup_steps=2000, valid_every=2000, valid_segments=64,
-                             checkpoint_every=2000, audio_every=5000, learning_rate=3e-4)),
+    "ci": Profile(
+        "ci",
+        sample_rate=8000,
+        segment_seconds=0.5,
+        batch_size=2,
+        corpus_songs=6,
+        corpus_seconds=4.0,
+        overfit_steps=30,
+        model=dict(
+            kernel_size=16,
+            stride=8,
+            dim=16,
+            num_heads=2,
+            ff_dim=32,
+            chunk_size=16,
+            num_sep_blocks=1,
+            num_rec_blocks=1,
+        ),
+        run=dict(
+            steps=24,
+            warmup_steps=4,
+            valid_every=12,
+            valid_segments=4,
+            checkpoint_every=12,
+            audio_every=12,
+        ),
+    ),
+    # book: the original tutorial's width at 8 kHz, half its frames, one shared reconstruction block
+    # (see the model chapter); its run is the speed appendix's recipe, 30k steps for the randomised
+    # choir (see the training chapter)
+    "book": Profile(
+        "book",
+        sample_rate=8000,
+        segment_seconds=1.0,
+        batch_size=2,
+        corpus_songs=120,
+        corpus_seconds=20.0,
+        overfit_steps=2000,
+        model=dict(
+            kernel_size=32,
+            stride=16,
+            dim=64,
+            num_heads=4,
+            ff_dim=256,
+            chunk_size=64,
+            num_sep_blocks=2,
+            num_rec_blocks=1,
+        ),
+        run=dict(
+            steps=30_000,
+            learning_rate=2e-3,
+            warmup_steps=50,
+            valid_every=500,
+            valid_segments=32,
+            checkpoint_every=500,
+        ),
+    ),
+    "full": Profile(
+        "full",
+        sample_rate=44100,
+        segment_seconds=2.0,
+        batch_size=1,
+        corpus_songs=300,
+        corpus_seconds=40.0,
+        overfit_steps=200,
+        model=dict(
+            kernel_size=16,
+            stride=8,
+            dim=256,
+            num_heads=8,
+            ff_dim=1024,
+            chunk_size=64,
+            num_sep_blocks=2,
+            num_rec_blocks=2,
+        ),
+        run=dict(
+            steps=200_000,
+            warmup_steps=2000,
+            valid_every=2000,
+            valid_segments=64,
+            checkpoint_every=2000,
+            audio_every=5000,
+            learning_rate=3e-4,
+        ),
+    ),
 }
 
 
 def active_profile(name: "str | Profile | None" = None) -> Profile:
-    """The profile named by `name` (or `name` itself when it is a Profile), else by $SEPREFORMER_PROFILE, else `book`."""
+    """The profile named by `name` (or `name` itself when it is a Profile), else by
+    $SEPREFORMER_PROFILE, else `book`."""
     if isinstance(name, Profile):
         return name
     name = name if name is not None else os.environ.get(PROFILE_ENV, "book")
     name = name.strip().lower()
     if name not in PROFILES:
         valid = ", ".join(sorted(PROFILES))
-        raise ValueError(f"Unknown profile {name!r} (from ${PROFILE_ENV} or the argument); valid profiles: {valid}.")
+        raise ValueError(
+            f"Unknown profile {name!r} (from ${PROFILE_ENV} or the argument); valid profiles: "
+            f"{valid}."
+        )
     return PROFILES[name]
 
 # %% ../chapters/00_config.ipynb #df994410
@@ -83,20 +159,20 @@ TEST_LIST_NAME = "test_song_list_for_vocal_ensemble_separation.txt"  # jaCappell
 VALID_LIST_NAME = "valid_song_list.txt"  # ours: jaCappella has no official validation list
 JACAPPELLA_ENV = "JACAPPELLA_ROOT"  # the real corpus, when the reader has it
 
-
 # %% ../chapters/00_config.ipynb #4e63028c
 class CorpusError(ValueError):
     """A corpus problem the reader can fix: the message names the file and what to do."""
 
 
 class AudioFileError(CorpusError):
-    """An audio file that cannot be read as audio (a corpus's part or a song to separate): the message names the file
-    and what to do about it."""
+    """An audio file that cannot be read as audio (a corpus's part or a song to separate): the
+    message names the file and what to do about it."""
 
 # %% ../chapters/00_config.ipynb #cfg-atomic
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Create or replace the file `path` with what `write(f)` writes to a binary file `f`: written beside it under a
-    temporary name, then renamed, so a reader sees the old file or the new one, never half of one."""
+    """Create or replace the file `path` with what `write(f)` writes to a binary file `f`: written
+    beside it under a temporary name, then renamed, so a reader sees the old file or the new one,
+    never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -105,7 +181,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
 
 # %% ../chapters/00_config.ipynb #b10026a2
 PART_COLOURS: dict[str, str] = {
@@ -124,15 +199,19 @@ def part_colour(part: str) -> str:
     return PART_COLOURS.get(part, "#7f7f7f")
 
 # %% ../chapters/00_config.ipynb #08c0eaeb
-def peak_scale(audio: np.ndarray, reference: np.ndarray | None = None, peak: float = 0.99) -> np.ndarray:
-    """Scale `audio` so that `reference` (default: `audio` itself) peaks at `peak`; silence stays silent."""
+def peak_scale(
+    audio: np.ndarray, reference: np.ndarray | None = None, peak: float = 0.99
+) -> np.ndarray:
+    """Scale `audio` so that `reference` (default: `audio` itself) peaks at `peak`; silence stays
+    silent."""
     reference = audio if reference is None else reference
     top = float(np.max(np.abs(reference))) if np.size(reference) else 0.0
     return np.asarray(audio, dtype=np.float32) * (peak / top if top > 0 else 1.0)
 
 
 def listen(audio: np.ndarray, sample_rate: int, reference: np.ndarray | None = None):
-    """An audio player for `audio`, peak-scaled against `reference`, with the browser's normalisation off."""
+    """An audio player for `audio`, peak-scaled against `reference`, with the browser's
+    normalisation off."""
     from IPython.display import Audio
 
     scaled = np.clip(peak_scale(audio, reference), -1.0, 1.0)

@@ -4,7 +4,8 @@
 __all__ = ['frame_count', 'padded_length', 'Encoder', 'Decoder']
 
 # %% ../chapters/03_conv.ipynb #47516b15
-"""Strided convolutional encoder and transposed-convolution decoder (generated from chapters/03_conv.ipynb)."""
+"""Strided convolutional encoder and transposed-convolution decoder (generated from
+chapters/03_conv.ipynb)."""
 
 import math
 
@@ -19,8 +20,10 @@ def frame_count(num_samples: int, kernel_size: int, stride: int) -> int:
     """Frames an unpadded strided convolution produces: floor((T - K) / S) + 1."""
     num_samples, kernel_size, stride = int(num_samples), int(kernel_size), int(stride)
     if num_samples < kernel_size:
-        raise ValueError(f"num_samples={num_samples} is shorter than kernel_size={kernel_size}: pad the input first "
-                         "(see padded_length).")
+        raise ValueError(
+            f"num_samples={num_samples} is shorter than kernel_size={kernel_size}: pad the input "
+            "first (see padded_length)."
+        )
     return (num_samples - kernel_size) // stride + 1
 
 
@@ -40,9 +43,19 @@ class Encoder(eqx.Module):
     kernel_size: int = eqx.field(static=True)
     stride: int = eqx.field(static=True)
 
-    def __init__(self, out_channels: int, kernel_size: int = 16, stride: int = 8, *, key: PRNGKeyArray, dtype=None):
+    def __init__(
+        self,
+        out_channels: int,
+        kernel_size: int = 16,
+        stride: int = 8,
+        *,
+        key: PRNGKeyArray,
+        dtype=None,
+    ):
         self.kernel_size, self.stride = int(kernel_size), int(stride)
-        self.conv = eqx.nn.Conv1d(1, out_channels, self.kernel_size, stride=self.stride, dtype=dtype, key=key)
+        self.conv = eqx.nn.Conv1d(
+            1, out_channels, self.kernel_size, stride=self.stride, dtype=dtype, key=key
+        )
 
     @jaxtyped(typechecker=beartype)
     def __call__(self, x: Float[Array, " T"]) -> Float[Array, "L C"]:
@@ -52,15 +65,26 @@ class Encoder(eqx.Module):
 
 # %% ../chapters/03_conv.ipynb #06dd7912
 class Decoder(eqx.Module):
-    """Latent frames (L, C) -> waveform ((L-1)*S + K,): ConvTranspose1d (overlap-add of learned filters)."""
+    """Latent frames (L, C) -> waveform ((L-1)*S + K,): ConvTranspose1d (overlap-add of learned
+    filters)."""
 
     conv_t: eqx.nn.ConvTranspose1d
     kernel_size: int = eqx.field(static=True)
     stride: int = eqx.field(static=True)
 
-    def __init__(self, in_channels: int, kernel_size: int = 16, stride: int = 8, *, key: PRNGKeyArray, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: int = 16,
+        stride: int = 8,
+        *,
+        key: PRNGKeyArray,
+        dtype=None,
+    ):
         self.kernel_size, self.stride = int(kernel_size), int(stride)
-        self.conv_t = eqx.nn.ConvTranspose1d(in_channels, 1, self.kernel_size, stride=self.stride, dtype=dtype, key=key)
+        self.conv_t = eqx.nn.ConvTranspose1d(
+            in_channels, 1, self.kernel_size, stride=self.stride, dtype=dtype, key=key
+        )
 
     @jaxtyped(typechecker=beartype)
     def __call__(self, h: Float[Array, "L C"]) -> Float[Array, " T"]:

@@ -2,12 +2,12 @@
 
 # %% auto #0
 __all__ = ['MIXTURE_NAME', 'MIXTURE_TOLERANCE_DB', 'SILENCE_DB', 'find_songs', 'split_songs', 'read_wav', 'default_cache_dir',
-           'cache_song', 'SongRef', 'JaCappellaDataset', 'read_segment', 'extract_segment', 'stack_items',
-           'batch_to_jax', 'loader', 'training_iterator']
+           'cache_song', 'SongRef', 'JaCappellaDataset', 'read_parts', 'make_item', 'read_segment', 'Augment',
+           'augment_item', 'extract_segment', 'stack_items', 'batch_to_jax', 'loader', 'training_iterator']
 
 # %% ../chapters/02_data.ipynb #935fa2d2
-"""Reading a corpus in jaCappella's layout: songs, splits, cached segments and grain batches (generated from
-chapters/02_data.ipynb)."""
+"""Reading a corpus in jaCappella's layout: songs, splits, cached segments and grain batches
+(generated from chapters/02_data.ipynb)."""
 
 import hashlib
 import json
@@ -22,22 +22,30 @@ import numpy as np
 import soundfile as sf
 from jaxtyping import Float
 
-from .config import (ALL_STEMS, JACAPPELLA_ENV, STEM_NAMES, TEST_LIST_NAME, VALID_LIST_NAME,
-                                     AudioFileError, CorpusError, active_profile, atomic_write)
+from .config import (ALL_STEMS, JACAPPELLA_ENV, STEM_NAMES, TEST_LIST_NAME,
+                                     VALID_LIST_NAME, AudioFileError, CorpusError, active_profile,
+                                     atomic_write)
 
 # %% ../chapters/02_data.ipynb #668d76c3
 def _make_hint(root: Path) -> str:
-    """What to do about a corpus root without songs; never a command that would replace the reader's files."""
+    """What to do about a corpus root without songs; never a command that would replace the reader's
+    files."""
     if root.is_dir() and any(root.iterdir()):
-        make = "`python -m sepreformer_book.choir make-corpus NEW_FOLDER` (a new or empty folder) and use that folder"
+        make = (
+            "`python -m sepreformer_book.choir make-corpus NEW_FOLDER` (a new or empty folder) "
+            "and use that folder"
+        )
     else:
         make = f"`python -m sepreformer_book.choir make-corpus {root}`"
-    return (f"Generate the synthetic corpus with {make} (or call ensure_corpus()), or set ${JACAPPELLA_ENV} to the "
-            f"unpacked jaCappella corpus.")
+    return (
+        f"Generate the synthetic corpus with {make} (or call ensure_corpus()), or set "
+        f"${JACAPPELLA_ENV} to the unpacked jaCappella corpus."
+    )
 
 # %% ../chapters/02_data.ipynb #6533b348
 def find_songs(root: Path) -> list[Path]:
-    """Song directories `<root>/<subset>/<song>/` holding at least one part WAV; hidden and stray entries ignored."""
+    """Song directories `<root>/<subset>/<song>/` holding at least one part WAV; hidden and stray
+    entries ignored."""
     if not root.exists():
         raise CorpusError(f"Corpus root {root} does not exist. {_make_hint(root)}")
     if not root.is_dir():
@@ -47,21 +55,32 @@ def find_songs(root: Path) -> list[Path]:
         if not subset.is_dir() or subset.name.startswith((".", "_")):
             continue
         for song in sorted(subset.iterdir()):
-            if song.is_dir() and not song.name.startswith(".") and any((song / f"{p}.wav").exists() for p in ALL_STEMS):
+            if (
+                song.is_dir()
+                and not song.name.startswith(".")
+                and any((song / f"{p}.wav").exists() for p in ALL_STEMS)
+            ):
                 songs.append(song)
     if not songs:
-        raise CorpusError(f"No songs found under {root}: expected <subset>/<song>/<part>.wav with parts "
-                          f"{', '.join(ALL_STEMS)}. {_make_hint(root)}")
+        raise CorpusError(
+            f"No songs found under {root}: expected <subset>/<song>/<part>.wav with parts "
+            f"{', '.join(ALL_STEMS)}. {_make_hint(root)}"
+        )
     return songs
 
 
 def _read_list(path: Path) -> set[str]:
-    return {line.strip().strip("/") for line in path.read_text().splitlines() if line.strip()} if path.is_file() else set()
+    return (
+        {line.strip().strip("/") for line in path.read_text().splitlines() if line.strip()}
+        if path.is_file()
+        else set()
+    )
 
 # %% ../chapters/02_data.ipynb #f156e031
 def split_songs(root: Path, songs: list[Path], split: str) -> list[Path]:
-    """The songs of one split. test: named in jaCappella's test list; valid: named in `valid_song_list.txt`,
-    or, where that file is missing (real jaCappella), every fifth remaining song by name; train: the rest."""
+    """The songs of one split. test: named in jaCappella's test list; valid: named in
+    `valid_song_list.txt`, or, where that file is missing (real jaCappella), every fifth remaining
+    song by name; train: the rest."""
     if split not in ("train", "valid", "test", "all"):
         raise ValueError(f"split must be 'train', 'valid', 'test' or 'all', got {split!r}.")
     if split == "all":
@@ -77,44 +96,63 @@ def split_songs(root: Path, songs: list[Path], split: str) -> list[Path]:
     return [s for s in songs if s in chosen]
 
 # %% ../chapters/02_data.ipynb #0f99fc88
-def read_wav(path: str | os.PathLike, sample_rate: int,
-             say: Callable[[str], None] | None = None) -> Float[np.ndarray, "samples"]:
-    """An audio file as float32 mono at `sample_rate`: channels averaged, resampled once (soxr, high quality).
+def read_wav(
+    path: str | os.PathLike, sample_rate: int, say: Callable[[str], None] | None = None
+) -> Float[np.ndarray, "samples"]:
+    """An audio file as float32 mono at `sample_rate`: channels averaged, resampled once (soxr, high
+    quality).
 
-    Every problem is an `AudioFileError` naming the file and the fix; `say(message)`, when given, is told about a
-    downmix or a resampling (the separation command tells its user what it does to their audio)."""
+    Every problem is an `AudioFileError` naming the file and the fix; `say(message)`, when given, is
+    told about a downmix or a resampling (the separation command tells its user what it does to
+    their audio)."""
     import soxr
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise AudioFileError(f"{path} does not exist. Check the path (relative paths start at {Path.cwd()}).")
+        raise AudioFileError(
+            f"{path} does not exist. Check the path (relative paths start at {Path.cwd()})."
+        )
     if path.is_dir():
-        raise AudioFileError(f"{path} is a directory; pass an audio file, e.g. {path / 'mixture.wav'}.")
+        raise AudioFileError(
+            f"{path} is a directory; pass an audio file, e.g. {path / 'mixture.wav'}."
+        )
     if path.stat().st_size == 0:
-        raise AudioFileError(f"{path} is empty (0 bytes). Re-copy, re-export or regenerate this file; in a corpus, "
-                             "deleting it makes the part missing.")
+        raise AudioFileError(
+            f"{path} is empty (0 bytes). Re-copy, re-export or regenerate this file; in a corpus, "
+            "deleting it makes the part missing."
+        )
     try:
         audio, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as error:  # libsndfile's errors name neither the fix nor always the file
-        raise AudioFileError(f"{path} is not a readable WAV file or other audio soundfile reads ({error}). Re-copy it, "
-                             f"or convert it to WAV, e.g. `ffmpeg -i {path.name} {path.stem}-converted.wav`.") from None
+        raise AudioFileError(
+            f"{path} is not a readable WAV file or other audio soundfile reads ({error}). Re-copy "
+            f"it, or convert it to WAV, e.g. `ffmpeg -i {path.name} {path.stem}-converted.wav`."
+        ) from None
     if audio.shape[0] == 0:
-        raise AudioFileError(f"{path} holds no samples (a WAV header without audio). Re-copy, re-export or regenerate "
-                             "this file; in a corpus, deleting it makes the part missing.")
+        raise AudioFileError(
+            f"{path} holds no samples (a WAV header without audio). Re-copy, re-export or "
+            "regenerate this file; in a corpus, deleting it makes the part missing."
+        )
     if not np.all(np.isfinite(audio)):
-        raise AudioFileError(f"{path} holds NaN or Inf samples. Regenerate or re-export this file from its source.")
+        raise AudioFileError(
+            f"{path} holds NaN or Inf samples. Regenerate or re-export this file from its source."
+        )
     if audio.shape[1] > 1 and say is not None:
         say(f"{path.name}: {audio.shape[1]} channels mixed down to mono (their average).")
     audio = audio.mean(axis=1)  # stereo -> mono by averaging, not by keeping channel 0
     if rate != sample_rate:
         if say is not None:
-            say(f"{path.name}: resampled from {rate} Hz to the model's {sample_rate} Hz (soxr, high quality).")
+            say(
+                f"{path.name}: resampled from {rate} Hz to the model's {sample_rate} Hz (soxr, "
+                "high quality)."
+            )
         audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 # %% ../chapters/02_data.ipynb #5220a849
 def default_cache_dir(root: Path) -> Path:
-    """`<root>/.cache` when the corpus is writable, else a per-corpus folder under ~/.cache/sepreformer_book."""
+    """`<root>/.cache` when the corpus is writable, else a per-corpus folder under
+    ~/.cache/sepreformer_book."""
     if os.access(root, os.W_OK):
         return root / ".cache"
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
@@ -132,16 +170,19 @@ def _source_key(song: Path) -> dict:
 
 # %% ../chapters/02_data.ipynb #a6bd7a36
 MIXTURE_NAME = "mixture"  # mixture.wav: the song as recorded, all its parts (vocal percussion too)
-MIXTURE_TOLERANCE_DB = -40.0  # mixture.wav may differ from the sum of the part files by this much (relative energy)
+MIXTURE_TOLERANCE_DB = (
+    -40.0
+)  # mixture.wav may differ from the sum of the part files by this much (relative energy)
 
 
 def cache_song(song: Path, sample_rate: int, cache_dir: Path, manifest: dict) -> dict:
     """Decode and resample all parts of `song`, and its `mixture.wav`, once into
     `<cache_dir>/<subset>__<song>__<rate>.npy` (one row per file, the mixture last).
 
-    The manifest entry is reused while every file keeps its size and mtime and the sample rate matches. Files of
-    unequal length are padded to the longest, with a warning naming the song. `mixture_error` is the energy of
-    mixture.wav minus the sum of the part files, relative to the mixture's (None without a mixture.wav)."""
+    The manifest entry is reused while every file keeps its size and mtime and the sample rate
+    matches. Files of unequal length are padded to the longest, with a warning naming the song.
+    `mixture_error` is the energy of mixture.wav minus the sum of the part files, relative to the
+    mixture's (None without a mixture.wav)."""
     key = f"{song.parent.name}/{song.name}@{sample_rate}"
     sources = _source_key(song)
     entry = manifest.get(key)
@@ -152,11 +193,14 @@ def cache_song(song: Path, sample_rate: int, cache_dir: Path, manifest: dict) ->
     lengths = [a.size for a in audio]
     if len(set(lengths)) > 1:
         detail = ", ".join(f"{p}={n}" for p, n in zip(files, lengths))
-        warnings.warn(f"Song {song.parent.name}/{song.name}: parts differ in length ({detail} samples at "
-                      f"{sample_rate} Hz); padding with silence to the longest.", stacklevel=2)
+        warnings.warn(
+            f"Song {song.parent.name}/{song.name}: parts differ in length ({detail} samples at "
+            f"{sample_rate} Hz); padding with silence to the longest.",
+            stacklevel=2,
+        )
     stack = np.zeros((len(files), max(lengths)), dtype=np.float32)
     for i, a in enumerate(audio):
-        stack[i, :a.size] = a
+        stack[i, : a.size] = a
     mixture_error = None
     if files[-1] == MIXTURE_NAME and len(files) > 1:
         mixture = stack[-1].astype(np.float64)
@@ -164,25 +208,41 @@ def cache_song(song: Path, sample_rate: int, cache_dir: Path, manifest: dict) ->
         mixture_error = float(np.sum(residual**2) / max(np.sum(mixture**2), 1e-30))
     name = f"{song.parent.name}__{song.name}__{sample_rate}.npy"
     atomic_write(cache_dir / name, lambda f: np.save(f, stack))
-    entry = {"file": name, "sources": sources, "parts": files, "length": int(stack.shape[1]),
-             "sample_rate": sample_rate, "mixture_error": mixture_error}
+    entry = {
+        "file": name,
+        "sources": sources,
+        "parts": files,
+        "length": int(stack.shape[1]),
+        "sample_rate": sample_rate,
+        "mixture_error": mixture_error,
+    }
     manifest[key] = entry
     return entry
 
 # %% ../chapters/02_data.ipynb #4b66a837
-SILENCE_DB = -60.0  # a stem is active in a segment when its mean square exceeds this level (dB re full scale)
+SILENCE_DB = (
+    -60.0
+)  # a stem is active in a segment when its mean square exceeds this level (dB re full scale)
 
 
 @dataclass(frozen=True)
 class SongRef:
-    """What the grain source yields per song: where its cached audio is and which selected stems exist."""
+    """What the grain source yields per song: where its cached audio is and which selected stems
+    exist."""
 
     index: int
     name: str
     cache_file: str
-    rows: tuple[int, ...]  # row in the cache file of each selected stem, -1 where the part is missing
+    rows: tuple[
+        int, ...
+    ]  # row in the cache file of each selected stem, -1 where the part is missing
     length: int
-    mixture_rows: tuple[int, ...] = ()  # rows that add up to the song's mixture: mixture.wav, else every part file
+    mixture_rows: tuple[
+        int, ...
+    ] = ()  # rows that add up to the song's mixture: mixture.wav, else every part file
+    residual_rows: tuple[
+        int, ...
+    ] = ()  # part files that are not selected stems (vocal percussion, say)
 
 # %% ../chapters/02_data.ipynb #c0ffee03
 def _mixture_rows(files: list[str]) -> tuple[int, ...]:
@@ -192,35 +252,56 @@ def _mixture_rows(files: list[str]) -> tuple[int, ...]:
     return tuple(i for i, name in enumerate(files) if name != MIXTURE_NAME)
 
 
-def _missing_parts(every_song: list[Path], songs: list[Path], stems: tuple[str, ...]) -> dict[Path, list[str]]:
-    """For each of `songs`, the selected stems it has no file for although some song of the corpus has one."""
+def _missing_parts(
+    every_song: list[Path], songs: list[Path], stems: tuple[str, ...]
+) -> dict[Path, list[str]]:
+    """For each of `songs`, the selected stems it has no file for although some song of the corpus
+    has one."""
     in_corpus = {p for s in every_song for p in stems if (s / f"{p}.wav").exists()}
-    missing = {s: [p for p in stems if p in in_corpus and not (s / f"{p}.wav").exists()] for s in songs}
+    missing = {
+        s: [p for p in stems if p in in_corpus and not (s / f"{p}.wav").exists()] for s in songs
+    }
     return {s: parts for s, parts in missing.items() if parts}
 
 # %% ../chapters/02_data.ipynb #8e0a0779
 class JaCappellaDataset:
-    """Songs of a jaCappella-layout corpus (real or synthetic), decoded once and read as memory-mapped segments.
+    """Songs of a jaCappella-layout corpus (real or synthetic), decoded once and read as
+    memory-mapped segments.
 
-    `dataset[i]` is a light `SongRef`; `extract_segment` turns it into an item. `dataset.song(i)` loads a whole song.
-    A song without a part file that other songs of the corpus have, or whose mixture.wav is not the sum of its part
-    files, gets a warning naming it; `strict=True` makes these errors.
+    `dataset[i]` is a light `SongRef`; `extract_segment` turns it into an item. `dataset.song(i)`
+    loads a whole song. A song without a part file that other songs of the corpus have, or whose
+    mixture.wav is not the sum of its part files, gets a warning naming it; `strict=True` makes
+    these errors.
     """
 
-    def __init__(self, root: str | os.PathLike, sample_rate: int | None = None, stems: tuple[str, ...] = STEM_NAMES,
-                 split: str = "train", cache_dir: str | os.PathLike | None = None, progress: bool = False,
-                 strict: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        sample_rate: int | None = None,
+        stems: tuple[str, ...] = STEM_NAMES,
+        split: str = "train",
+        cache_dir: str | os.PathLike | None = None,
+        progress: bool = False,
+        strict: bool = False,
+    ) -> None:
         self.root = Path(root).expanduser()
         unknown = [s for s in stems if s not in ALL_STEMS]
         if unknown or not stems:
-            raise ValueError(f"Unknown stem name(s) {unknown or stems}: choose from {', '.join(ALL_STEMS)}.")
+            raise ValueError(
+                f"Unknown stem name(s) {unknown or stems}: choose from {', '.join(ALL_STEMS)}."
+            )
         self.stems = tuple(stems)
-        self.sample_rate = int(sample_rate or active_profile().sample_rate)  # default: the profile's model rate
+        self.sample_rate = int(
+            sample_rate or active_profile().sample_rate
+        )  # default: the profile's model rate
         self.split = split
         every_song = find_songs(self.root)
         self.songs = split_songs(self.root, every_song, split)
         if not self.songs:
-            raise CorpusError(f"The {split!r} split of {self.root} is empty (check {TEST_LIST_NAME} and {VALID_LIST_NAME}).")
+            raise CorpusError(
+                f"The {split!r} split of {self.root} is empty (check {TEST_LIST_NAME} and "
+                f"{VALID_LIST_NAME})."
+            )
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.cache_dir / "manifest.json"
@@ -228,30 +309,57 @@ class JaCappellaDataset:
         before = json.dumps(manifest, sort_keys=True)
         from tqdm import tqdm
 
-        entries = [cache_song(s, self.sample_rate, self.cache_dir, manifest)
-                   for s in tqdm(self.songs, desc=f"caching {split} songs", disable=not progress)]
+        entries = [
+            cache_song(s, self.sample_rate, self.cache_dir, manifest)
+            for s in tqdm(self.songs, desc=f"caching {split} songs", disable=not progress)
+        ]
         if json.dumps(manifest, sort_keys=True) != before:
             atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        self.refs = [SongRef(i, f"{s.parent.name}/{s.name}", str(self.cache_dir / e["file"]),
-                             tuple(e["parts"].index(n) if n in e["parts"] else -1 for n in self.stems), e["length"],
-                             _mixture_rows(e["parts"]))
-                     for i, (s, e) in enumerate(zip(self.songs, entries))]
+        self.refs = [
+            SongRef(
+                i,
+                f"{s.parent.name}/{s.name}",
+                str(self.cache_dir / e["file"]),
+                tuple(e["parts"].index(n) if n in e["parts"] else -1 for n in self.stems),
+                e["length"],
+                _mixture_rows(e["parts"]),
+                tuple(
+                    i for i, n in enumerate(e["parts"]) if n != MIXTURE_NAME and n not in self.stems
+                ),
+            )
+            for i, (s, e) in enumerate(zip(self.songs, entries))
+        ]
         for ref in self.refs:
             if all(r < 0 for r in ref.rows):
-                raise CorpusError(f"Song {ref.name} has none of the selected stems {self.stems}; remove it or choose other stems.")
+                raise CorpusError(
+                    f"Song {ref.name} has none of the selected stems {self.stems}; remove it or "
+                    "choose other stems."
+                )
         self.missing = _missing_parts(every_song, self.songs, self.stems)
-        problems = [f"{song.parent.name}/{song.name} has no {', '.join(f'{p}.wav' for p in parts)} (other songs of "
-                    f"{self.root} have {'it' if len(parts) == 1 else 'them'}): scored and trained as absent"
-                    for song, parts in self.missing.items()]
-        problems += [f"{ref.name}: mixture.wav differs from the sum of its part files by "
-                     f"{10 * np.log10(e['mixture_error']):.1f} dB (energy of the difference relative to the mixture); "
-                     f"the model hears mixture.wav" for ref, e in zip(self.refs, entries)
-                     if e.get("mixture_error") is not None and e["mixture_error"] > 10 ** (MIXTURE_TOLERANCE_DB / 10)]
+        problems = [
+            f"{song.parent.name}/{song.name} has no {', '.join(f'{p}.wav' for p in parts)} (other "
+            f"songs of {self.root} have {'it' if len(parts) == 1 else 'them'}): scored and trained "
+            "as absent"
+            for song, parts in self.missing.items()
+        ]
+        problems += [
+            f"{ref.name}: mixture.wav differs from the sum of its part files by "
+            f"{10 * np.log10(e['mixture_error']):.1f} dB (energy of the difference relative to the "
+            f"mixture); the model hears mixture.wav"
+            for ref, e in zip(self.refs, entries)
+            if e.get("mixture_error") is not None
+            and e["mixture_error"] > 10 ** (MIXTURE_TOLERANCE_DB / 10)
+        ]
         if strict and problems:
-            raise CorpusError(f"{len(problems)} problem(s) in the {split!r} split of {self.root} (strict mode): "
-                              + "; ".join(problems) + ". Fix the files, or leave strict mode off to go on with warnings.")
+            raise CorpusError(
+                f"{len(problems)} problem(s) in the {split!r} split of {self.root} (strict mode): "
+                + "; ".join(problems)
+                + ". Fix the files, or leave strict mode off to go on with warnings."
+            )
         for problem in problems:
-            warnings.warn(f"Song {problem}. Pass strict=True (--strict) to make this an error.", stacklevel=2)
+            warnings.warn(
+                f"Song {problem}. Pass strict=True (--strict) to make this an error.", stacklevel=2
+            )
         self._open: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -261,7 +369,8 @@ class JaCappellaDataset:
         return self.refs[int(index)]  # int(): grain passes numpy integers
 
     def audio(self, ref: SongRef) -> np.ndarray:
-        """The cached (parts, samples) array of a song, memory-mapped: reading a slice touches only that slice."""
+        """The cached (parts, samples) array of a song, memory-mapped: reading a slice touches only
+        that slice."""
         if ref.cache_file not in self._open:
             self._open[ref.cache_file] = np.load(ref.cache_file, mmap_mode="r")
         return self._open[ref.cache_file]
@@ -271,11 +380,14 @@ class JaCappellaDataset:
         return np.array([r >= 0 for r in self.refs[int(index)].rows])
 
     def song(self, index: int) -> dict[str, np.ndarray]:
-        """A whole song as an item: stems, present, active, and its real mixture (mixture.wav where the song has one,
-        else the sum of all its part files, selected or not: what a listener hears, not only the selected stems)."""
+        """A whole song as an item: stems, present, active, and its real mixture (mixture.wav where
+        the song has one, else the sum of all its part files, selected or not: what a listener
+        hears, not only the selected stems)."""
         ref = self.refs[int(index)]
         item = read_segment(self, ref, 0, ref.length)
-        item["mixture"] = np.asarray(self.audio(ref)[list(ref.mixture_rows)], dtype=np.float32).sum(axis=0)
+        item["mixture"] = np.asarray(self.audio(ref)[list(ref.mixture_rows)], dtype=np.float32).sum(
+            axis=0
+        )
         return item
 
     def __getstate__(self):
@@ -284,28 +396,117 @@ class JaCappellaDataset:
         return state
 
 # %% ../chapters/02_data.ipynb #3601e472
-def read_segment(dataset: JaCappellaDataset, ref: SongRef, start: int, samples: int) -> dict[str, np.ndarray]:
-    """`samples` samples of every selected stem from `start`, zero-padded past the end of the song.
-
-    Returns {"mixture": (samples,) float32, "stems": (stems, samples) float32, "present": (stems,) bool,
-    "active": (stems,) bool}; the mixture is the sum of the selected stems."""
+def read_parts(
+    dataset: JaCappellaDataset, ref: SongRef, start: int, samples: int
+) -> tuple[Float[np.ndarray, "stems samples"], Float[np.ndarray, "samples"]]:
+    """`samples` samples from `start` of every selected stem, and of the residual (the sum of the
+    song's other part files), zero-padded past the end of the song."""
     audio = dataset.audio(ref)
     stems = np.zeros((len(ref.rows), samples), dtype=np.float32)
+    residual = np.zeros(samples, dtype=np.float32)
     stop = min(start + samples, ref.length)
     rows = np.array(ref.rows)
     present = rows >= 0
     if stop > start:
-        stems[present, :stop - start] = audio[rows[present], start:stop]  # one read of the slice from the memmap
-    power = np.einsum("nt,nt->n", stems, stems) / samples
+        stems[present, : stop - start] = audio[
+            rows[present], start:stop
+        ]  # one read of the slice from the memmap
+        if ref.residual_rows:
+            residual[: stop - start] = audio[list(ref.residual_rows), start:stop].sum(axis=0)
+    return stems, residual
+
+
+def make_item(
+    stems: np.ndarray, residual: np.ndarray, present: np.ndarray
+) -> dict[str, np.ndarray]:
+    """An item from its parts: the mixture is the stems plus the residual; `active` marks audible
+    stems."""
+    power = np.einsum("nt,nt->n", stems, stems) / stems.shape[1]
     active = present & (power > 10 ** (SILENCE_DB / 10))
-    return {"mixture": stems.sum(axis=0), "stems": stems, "present": present, "active": active}
+    return {
+        "mixture": stems.sum(axis=0) + residual,
+        "stems": stems,
+        "present": present,
+        "active": active,
+    }
+
+
+def read_segment(
+    dataset: JaCappellaDataset, ref: SongRef, start: int, samples: int
+) -> dict[str, np.ndarray]:
+    """An item: `samples` samples of a song from `start`.
+
+    Returns {"mixture": (samples,) float32, "stems": (stems, samples) float32, "present": (stems,)
+    bool, "active": (stems,) bool}; the mixture is the sum of the song's part files, selected or
+    not."""
+    stems, residual = read_parts(dataset, ref, start, samples)
+    return make_item(stems, residual, np.array(ref.rows) >= 0)
 
 # %% ../chapters/02_data.ipynb #e089b066
-def extract_segment(item: SongRef, rng: np.random.Generator, *, dataset: JaCappellaDataset,
-                    segment_samples: int) -> dict[str, np.ndarray]:
-    """A random `segment_samples`-long item from one song; a song shorter than that starts at 0 and is zero-padded."""
-    start = int(rng.integers(0, item.length - segment_samples + 1)) if item.length > segment_samples else 0
-    return read_segment(dataset, item, start, int(segment_samples))
+@dataclass(frozen=True)
+class Augment:
+    """Which augmentations a training item gets, and how strongly (see the list above)."""
+
+    gain_db: float = 6.0
+    polarity: bool = True
+    drop: float = 0.1
+    remix: float = (
+        0.0  # off by default: a remixed item loses the harmony that tells the parts' roles apart
+    )
+
+
+def augment_item(
+    dataset: JaCappellaDataset,
+    ref: SongRef,
+    start: int,
+    samples: int,
+    augment: Augment,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """A segment of `ref` from `start`, its parts re-levelled, flipped, dropped or swapped for
+    another song's."""
+    stems, residual = read_parts(dataset, ref, start, samples)
+    present = np.array(ref.rows) >= 0
+    for n in range(stems.shape[0]):
+        if rng.random() < augment.remix:
+            other = dataset.refs[int(rng.integers(len(dataset.refs)))]
+            if other.rows[n] >= 0:
+                at = int(rng.integers(0, max(other.length - samples, 0) + 1))
+                stems[n] = read_parts(dataset, other, at, samples)[0][n]
+                present[n] = True
+    gains = 10 ** (rng.uniform(-augment.gain_db, augment.gain_db, stems.shape[0] + 1) / 20)
+    if augment.polarity:
+        gains *= rng.choice([-1.0, 1.0], gains.size)
+    if augment.drop:
+        keep = rng.random(stems.shape[0]) >= augment.drop
+        keep[rng.integers(stems.shape[0])] = True
+        gains[:-1] *= keep
+    stems *= gains[:-1, None].astype(np.float32)
+    residual *= np.float32(gains[-1])
+    peak = np.abs(stems.sum(axis=0) + residual).max()
+    if peak > 1.0:  # keep the mixture in the range of a recording
+        stems, residual = stems / peak, residual / peak
+    return make_item(stems, residual, present)
+
+
+def extract_segment(
+    item: SongRef,
+    rng: np.random.Generator,
+    *,
+    dataset: JaCappellaDataset,
+    segment_samples: int,
+    augment: Augment | None = None,
+) -> dict[str, np.ndarray]:
+    """A random `segment_samples`-long item from one song, augmented when `augment` is given; a song
+    shorter than that starts at 0 and is zero-padded."""
+    start = (
+        int(rng.integers(0, item.length - segment_samples + 1))
+        if item.length > segment_samples
+        else 0
+    )
+    if augment is None:
+        return read_segment(dataset, item, start, int(segment_samples))
+    return augment_item(dataset, item, start, int(segment_samples), augment, rng)
 
 # %% ../chapters/02_data.ipynb #d315ca72
 def stack_items(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -314,41 +515,77 @@ def stack_items(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def batch_to_jax(batch: dict[str, np.ndarray]) -> dict:
-    """Move a numpy batch to the default JAX device (the training step does this, not the loader)."""
+    """Move a numpy batch to the default JAX device (the training step does this, not the
+    loader)."""
     import jax
 
     return jax.device_put(batch)
 
 # %% ../chapters/02_data.ipynb #a8c8a449
-def loader(dataset: JaCappellaDataset, segment_samples: int, batch_size: int, seed: int = 0,
-           num_epochs: int | None = 1, drop_remainder: bool = True):
-    """The original tutorial's grain pipeline: shuffle songs, take a random segment of each, batch into numpy dicts.
+def loader(
+    dataset: JaCappellaDataset,
+    segment_samples: int,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = 1,
+    drop_remainder: bool = True,
+    augment: Augment | None = None,
+):
+    """The original tutorial's grain pipeline: shuffle songs, take a random segment of each
+    (augmented when `augment` is given), batch into numpy dicts.
 
-    Deterministic for a seed (batch i is the same on every run); each epoch reshuffles and draws new segments.
-    `num_epochs=None` repeats forever."""
+    Deterministic for a seed (batch i is the same on every run); each epoch reshuffles and draws new
+    segments. `num_epochs=None` repeats forever."""
     import functools
     import grain
 
-    sample = functools.partial(extract_segment, dataset=dataset, segment_samples=int(segment_samples))
-    return (grain.MapDataset.source(dataset)
-            .seed(seed).shuffle()
-            .repeat(num_epochs)
-            .random_map(sample)
-            .batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack_items))
+    sample = functools.partial(
+        extract_segment, dataset=dataset, segment_samples=int(segment_samples), augment=augment
+    )
+    return (
+        grain.MapDataset.source(dataset)
+        .seed(seed)
+        .shuffle()
+        .repeat(num_epochs)
+        .random_map(sample)
+        .batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack_items)
+    )
 
 # %% ../chapters/02_data.ipynb #89c40278
-def training_iterator(dataset: JaCappellaDataset, segment_samples: int, batch_size: int, seed: int = 0, *,
-                      state: dict | None = None, process_index: int = 0, process_count: int = 1,
-                      num_threads: int = 2, prefetch_batches: int = 8):
-    """This process's endless stream of `loader(...)` batches, prepared by background threads ahead of the step.
+def training_iterator(
+    dataset: JaCappellaDataset,
+    segment_samples: int,
+    batch_size: int,
+    seed: int = 0,
+    *,
+    augment: Augment | None = None,
+    state: dict | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 2,
+    prefetch_batches: int = 8,
+):
+    """This process's endless stream of `loader(...)` batches, prepared by background threads ahead
+    of the step.
 
-    Batch `i` of the global stream goes to process `i % process_count`, which reads `batch_size / process_count`
-    items of it. `state` (from the iterator's `get_state()`) resumes a stream where it was."""
+    Batch `i` of the global stream goes to process `i % process_count`, which reads `batch_size /
+    process_count` items of it. `state` (from the iterator's `get_state()`) resumes a stream where
+    it was."""
     import grain
 
     if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} must be a multiple of the number of processes ({process_count}).")
-    pipeline = loader(dataset, segment_samples, batch_size // process_count, seed, num_epochs=None)
+        raise ValueError(
+            f"batch_size={batch_size} must be a multiple of the number of processes "
+            f"({process_count})."
+        )
+    pipeline = loader(
+        dataset,
+        segment_samples,
+        batch_size // process_count,
+        seed,
+        num_epochs=None,
+        augment=augment,
+    )
     pipeline = pipeline[process_index::process_count]
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
     iterator = iter(pipeline.to_iter_dataset(options))

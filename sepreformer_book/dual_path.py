@@ -5,7 +5,8 @@ __all__ = ['feedforward', 'apply_rowwise', 'rope_tables', 'project_qkv', 'rope_a
            'TransformerBlock', 'chunk_validity', 'DualPathBlock', 'dual_path_reference', 'ThroughEquinox']
 
 # %% ../chapters/05_dual_path.ipynb #d929c0b5
-"""Transformer block with RoPE, Snake feed-forward and LayerScale; dual-path chunked attention (generated from chapters/05_dual_path.ipynb)."""
+"""Transformer block with RoPE, Snake feed-forward and LayerScale; dual-path chunked attention
+(generated from chapters/05_dual_path.ipynb)."""
 
 import equinox as eqx
 import jax
@@ -20,27 +21,31 @@ from .snake import Snake
 def feedforward(dim: int, ff_dim: int, *, key: PRNGKeyArray, dtype=None) -> eqx.nn.Sequential:
     """Position-wise feed-forward: Linear(dim -> ff_dim), Snake, Linear(ff_dim -> dim)."""
     k1, k2, k3 = jax.random.split(key, 3)
-    return eqx.nn.Sequential([
-        eqx.nn.Linear(dim, ff_dim, dtype=dtype, key=k1),
-        Snake(ff_dim, key=k2, dtype=dtype),
-        eqx.nn.Linear(ff_dim, dim, dtype=dtype, key=k3),
-    ])
+    return eqx.nn.Sequential(
+        [
+            eqx.nn.Linear(dim, ff_dim, dtype=dtype, key=k1),
+            Snake(ff_dim, key=k2, dtype=dtype),
+            eqx.nn.Linear(ff_dim, dim, dtype=dtype, key=k3),
+        ]
+    )
 
 
 def apply_rowwise(layer: eqx.Module, x: Float[Array, "S D"]) -> Float[Array, "S E"]:
-    """Apply a per-frame layer to every row of `x`: a Linear as one matrix product, a LayerNorm over the last axis,
-    a Sequential layer by layer.
+    """Apply a per-frame layer to every row of `x`: a Linear as one matrix product, a LayerNorm over
+    the last axis, a Sequential layer by layer.
 
-    The same numbers as `jax.vmap(layer)(x)`, but inside the dual-path block's own vmap over chunks XLA's CPU backend
-    runs (and differentiates) one product over all rows much faster than batched matrix-vector products. Elementwise
-    layers such as Snake take the whole array.
+    The same numbers as `jax.vmap(layer)(x)`, but inside the dual-path block's own vmap over chunks
+    XLA's CPU backend runs (and differentiates) one product over all rows much faster than batched
+    matrix-vector products. Elementwise layers such as Snake take the whole array.
     """
     if isinstance(layer, eqx.nn.Linear):
         y = x @ layer.weight.T
         return y if layer.bias is None else y + layer.bias
     if isinstance(layer, eqx.nn.LayerNorm):
         centred = x - jnp.mean(x, axis=-1, keepdims=True)
-        y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + layer.eps)
+        y = centred * jax.lax.rsqrt(
+            jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + layer.eps
+        )
         y = y if layer.weight is None else y * layer.weight
         return y if layer.bias is None else y + layer.bias
     if isinstance(layer, eqx.nn.Sequential):
@@ -50,40 +55,59 @@ def apply_rowwise(layer: eqx.Module, x: Float[Array, "S D"]) -> Float[Array, "S 
     return layer(x)
 
 # %% ../chapters/05_dual_path.ipynb #a6ef59bb
-def rope_tables(num_positions: int, head_size: int, theta: float = 10_000.0) -> tuple[Float[np.ndarray, "P d"], Float[np.ndarray, "P d"]]:
-    """cos and sin of RoPE's angles p * theta^(-2i/d) as (P, d) float32 tables, in the rotate-half layout Equinox uses."""
+def rope_tables(
+    num_positions: int, head_size: int, theta: float = 10_000.0
+) -> tuple[Float[np.ndarray, "P d"], Float[np.ndarray, "P d"]]:
+    """cos and sin of RoPE's angles p * theta^(-2i/d) as (P, d) float32 tables, in the rotate-half
+    layout Equinox uses."""
     frequencies = 1.0 / theta ** (np.arange(0, head_size, 2) / head_size)
     angles = np.outer(np.arange(num_positions), frequencies)
-    return (np.tile(np.cos(angles), (1, 2)).astype(np.float32), np.tile(np.sin(angles), (1, 2)).astype(np.float32))
+    return (
+        np.tile(np.cos(angles), (1, 2)).astype(np.float32),
+        np.tile(np.sin(angles), (1, 2)).astype(np.float32),
+    )
 
 
-def _rotate(x: Float[Array, "S H d"], cos: Float[np.ndarray, "S d"], sin: Float[np.ndarray, "S d"]) -> Float[Array, "S H d"]:
+def _rotate(
+    x: Float[Array, "S H d"], cos: Float[np.ndarray, "S d"], sin: Float[np.ndarray, "S d"]
+) -> Float[Array, "S H d"]:
     half = x.shape[-1] // 2
     turned = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, None, :] + turned * sin[:, None, :]
 
 
-def project_qkv(attn: eqx.nn.MultiheadAttention, x: Float[Array, "S D"]) -> tuple[
-        Float[Array, "S Q"], Float[Array, "S Q"], Float[Array, "S V"]]:
-    """Queries, keys and values of every head, each (S, heads * head size), from one product with the three
-    projection matrices stacked."""
+def project_qkv(
+    attn: eqx.nn.MultiheadAttention, x: Float[Array, "S D"]
+) -> tuple[Float[Array, "S Q"], Float[Array, "S Q"], Float[Array, "S V"]]:
+    """Queries, keys and values of every head, each (S, heads * head size), from one product with
+    the three projection matrices stacked."""
     projections = (attn.query_proj, attn.key_proj, attn.value_proj)
     qkv = x @ jnp.concatenate([p.weight for p in projections]).T
     if any(p.bias is not None for p in projections):
-        qkv = qkv + jnp.concatenate([jnp.zeros(p.out_features, x.dtype) if p.bias is None else p.bias for p in projections])
+        qkv = qkv + jnp.concatenate(
+            [jnp.zeros(p.out_features, x.dtype) if p.bias is None else p.bias for p in projections]
+        )
     width = attn.num_heads * attn.qk_size
     q, k, v = jnp.split(qkv, [width, 2 * width], axis=-1)
     return q, k, v
 
 # %% ../chapters/05_dual_path.ipynb #ch05-attn
-def rope_attention(attn: eqx.nn.MultiheadAttention, x: Float[Array, "S D"], valid: Bool[Array, " S"] | None = None,
-                   *, theta: float = 10_000.0) -> Float[Array, "S D"]:
+def rope_attention(
+    attn: eqx.nn.MultiheadAttention,
+    x: Float[Array, "S D"],
+    valid: Bool[Array, " S"] | None = None,
+    *,
+    theta: float = 10_000.0,
+) -> Float[Array, "S D"]:
     """Self-attention with the weights of `attn` and RoPE on queries and keys: the numbers of
-    `rope_attention_reference`, from one (S, D) x (D, 3D) projection and rotation tables made at trace time."""
+    `rope_attention_reference`, from one (S, D) x (D, 3D) projection and rotation tables made at
+    trace time."""
     num_frames, heads = x.shape[0], attn.num_heads
     q, k, v = project_qkv(attn, x)
     cos, sin = rope_tables(num_frames, attn.qk_size, theta)
-    q = _rotate(q.reshape(num_frames, heads, attn.qk_size), cos, sin) * (1.0 / np.sqrt(attn.qk_size))
+    q = _rotate(q.reshape(num_frames, heads, attn.qk_size), cos, sin) * (
+        1.0 / np.sqrt(attn.qk_size)
+    )
     k = _rotate(k.reshape(num_frames, heads, attn.qk_size), cos, sin)
     logits = jnp.einsum("shd,thd->hst", q, k)
     if valid is not None:
@@ -93,16 +117,22 @@ def rope_attention(attn: eqx.nn.MultiheadAttention, x: Float[Array, "S D"], vali
     return apply_rowwise(attn.output_proj, heads_out.reshape(num_frames, heads * attn.vo_size))
 
 
-def rope_attention_reference(attn: eqx.nn.MultiheadAttention, rope: eqx.nn.RotaryPositionalEmbedding,
-                             x: Float[Array, "S D"], valid: Bool[Array, " S"] | None = None) -> Float[Array, "S D"]:
-    """The same attention through Equinox's own call, rotating each head's queries and keys in `process_heads`."""
+def rope_attention_reference(
+    attn: eqx.nn.MultiheadAttention,
+    rope: eqx.nn.RotaryPositionalEmbedding,
+    x: Float[Array, "S D"],
+    valid: Bool[Array, " S"] | None = None,
+) -> Float[Array, "S D"]:
+    """The same attention through Equinox's own call, rotating each head's queries and keys in
+    `process_heads`."""
     rotate = jax.vmap(rope, in_axes=1, out_axes=1)  # over heads: (S, H, d) -> (S, H, d)
     mask = None if valid is None else jnp.broadcast_to(valid[None, :], (x.shape[0], x.shape[0]))
     return attn(x, x, x, mask=mask, process_heads=lambda q, k, v: (rotate(q), rotate(k), v))
 
 # %% ../chapters/05_dual_path.ipynb #ch05-block
 class TransformerBlock(eqx.Module):
-    """Pre-norm transformer block: RoPE multi-head attention and a Snake feed-forward, each with LayerScale."""
+    """Pre-norm transformer block: RoPE multi-head attention and a Snake feed-forward, each with
+    LayerScale."""
 
     norm1: eqx.nn.LayerNorm
     norm2: eqx.nn.LayerNorm
@@ -112,27 +142,44 @@ class TransformerBlock(eqx.Module):
     scale1: Float[Array, " D"]
     scale2: Float[Array, " D"]
 
-    def __init__(self, dim: int, num_heads: int, ff_dim: int, *, key: PRNGKeyArray, layer_scale: float = 1e-4,
-                 dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ff_dim: int,
+        *,
+        key: PRNGKeyArray,
+        layer_scale: float = 1e-4,
+        dtype=None,
+    ):
         if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f"TransformerBlock: dim={dim} must split into num_heads={num_heads} heads of even size "
-                             "(RoPE rotates pairs of coordinates).")
+            raise ValueError(
+                f"TransformerBlock: dim={dim} must split into num_heads={num_heads} heads of even "
+                "size (RoPE rotates pairs of coordinates)."
+            )
         dtype = jnp.float32 if dtype is None else dtype
         k1, k2 = jax.random.split(key)
         self.norm1 = eqx.nn.LayerNorm(dim, dtype=dtype)
-        self.attn = eqx.nn.MultiheadAttention(num_heads=num_heads, query_size=dim, dtype=dtype, key=k1)
+        self.attn = eqx.nn.MultiheadAttention(
+            num_heads=num_heads, query_size=dim, dtype=dtype, key=k1
+        )
         self.norm2 = eqx.nn.LayerNorm(dim, dtype=dtype)
         self.ff = feedforward(dim, ff_dim, key=k2, dtype=dtype)
         self.rope = eqx.nn.RotaryPositionalEmbedding(dim // num_heads, dtype=dtype)
-        # explicit dtype: jnp.full(dim, 1e-4) alone is weakly typed, and the first optimizer update changes its type
+        # explicit dtype: jnp.full(dim, 1e-4) alone is weakly typed, and the first optimizer update
+        # changes its type
         self.scale1 = jnp.full((dim,), layer_scale, dtype=dtype)
         self.scale2 = jnp.full((dim,), layer_scale, dtype=dtype)
 
     @jaxtyped(typechecker=beartype)
-    def __call__(self, x: Float[Array, "S D"], valid: Bool[Array, " S"] | None = None) -> Float[Array, "S D"]:
+    def __call__(
+        self, x: Float[Array, "S D"], valid: Bool[Array, " S"] | None = None
+    ) -> Float[Array, "S D"]:
         with jax.named_scope("transformer_block"):
             with jax.named_scope("attention"):
-                attended = rope_attention(self.attn, apply_rowwise(self.norm1, x), valid, theta=self.rope.theta)
+                attended = rope_attention(
+                    self.attn, apply_rowwise(self.norm1, x), valid, theta=self.rope.theta
+                )
                 x = x + self.scale1 * attended
             with jax.named_scope("feedforward"):
                 x = x + self.scale2 * apply_rowwise(self.ff, apply_rowwise(self.norm2, x))
@@ -140,21 +187,36 @@ class TransformerBlock(eqx.Module):
 
 # %% ../chapters/05_dual_path.ipynb #64bbff7e
 def chunk_validity(num_frames: int, chunk_size: int) -> np.ndarray:
-    """Boolean (M, K) array: True where a chunked position holds a real frame rather than padding."""
+    """Boolean (M, K) array: True where a chunked position holds a real frame rather than
+    padding."""
     num_chunks = -(-int(num_frames) // int(chunk_size))
-    return (np.arange(num_chunks * chunk_size) < int(num_frames)).reshape(num_chunks, int(chunk_size))
+    return (np.arange(num_chunks * chunk_size) < int(num_frames)).reshape(
+        num_chunks, int(chunk_size)
+    )
 
 
 class DualPathBlock(eqx.Module):
-    """Intra-chunk then inter-chunk transformer blocks over (L, C) frames, with padding masked out."""
+    """Intra-chunk then inter-chunk transformer blocks over (L, C) frames, with padding masked
+    out."""
 
     intra_block: TransformerBlock
     inter_block: TransformerBlock
     chunk_size: int = eqx.field(static=True)
 
-    def __init__(self, dim: int, num_heads: int, ff_dim: int, chunk_size: int = 64, *, key: PRNGKeyArray, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ff_dim: int,
+        chunk_size: int = 64,
+        *,
+        key: PRNGKeyArray,
+        dtype=None,
+    ):
         if int(chunk_size) < 1:
-            raise ValueError(f"DualPathBlock: chunk_size must be a positive integer, got {chunk_size}.")
+            raise ValueError(
+                f"DualPathBlock: chunk_size must be a positive integer, got {chunk_size}."
+            )
         k1, k2 = jax.random.split(key)
         self.intra_block = TransformerBlock(dim, num_heads, ff_dim, key=k1, dtype=dtype)
         self.inter_block = TransformerBlock(dim, num_heads, ff_dim, key=k2, dtype=dtype)
@@ -164,7 +226,9 @@ class DualPathBlock(eqx.Module):
     def __call__(self, x: Float[Array, "L C"]) -> Float[Array, "L C"]:
         with jax.named_scope("dual_path"):
             num_frames, channels = x.shape
-            valid = chunk_validity(num_frames, self.chunk_size)  # static: shapes are known at trace time
+            valid = chunk_validity(
+                num_frames, self.chunk_size
+            )  # static: shapes are known at trace time
             num_chunks = valid.shape[0]
             padded = jnp.pad(x, ((0, valid.size - num_frames), (0, 0)))
             chunks = padded.reshape(num_chunks, self.chunk_size, channels)
@@ -185,25 +249,31 @@ class DualPathBlock(eqx.Module):
 
 
 def dual_path_reference(block: DualPathBlock, x: Float[Array, "L C"]) -> Float[Array, "L C"]:
-    """Slow loop version of DualPathBlock without any padding: each chunk and each slot is run on its real frames only."""
+    """Slow loop version of DualPathBlock without any padding: each chunk and each slot is run on
+    its real frames only."""
     apply = eqx.filter_jit(lambda transformer, frames: transformer(frames))
     out = np.array(x)
     num_frames, size = out.shape[0], block.chunk_size
     for start in range(0, num_frames, size):  # intra: chunk by chunk, the last one shorter
-        out[start:start + size] = np.asarray(apply(block.intra_block, jnp.asarray(out[start:start + size])))
+        out[start : start + size] = np.asarray(
+            apply(block.intra_block, jnp.asarray(out[start : start + size]))
+        )
     for slot in range(min(size, num_frames)):  # inter: frames slot, slot + K, slot + 2K, ...
         out[slot::size] = np.asarray(apply(block.inter_block, jnp.asarray(out[slot::size])))
     return jnp.asarray(out)
 
 # %% ../chapters/05_dual_path.ipynb #38775fc0
 class ThroughEquinox(eqx.Module):
-    """A TransformerBlock's weights run through Equinox's attention call and vmapped LayerNorm: the same numbers, for
-    timing the block against (benchmarks/bench_levers.py times the whole model both ways)."""
+    """A TransformerBlock's weights run through Equinox's attention call and vmapped LayerNorm: the
+    same numbers, for timing the block against (benchmarks/bench_levers.py times the whole model
+    both ways)."""
 
     block: TransformerBlock
 
     @jaxtyped(typechecker=beartype)
-    def __call__(self, x: Float[Array, "S D"], valid: Bool[Array, " S"] | None = None) -> Float[Array, "S D"]:
+    def __call__(
+        self, x: Float[Array, "S D"], valid: Bool[Array, " S"] | None = None
+    ) -> Float[Array, "S D"]:
         b = self.block
         x = x + b.scale1 * rope_attention_reference(b.attn, b.rope, jax.vmap(b.norm1)(x), valid)
         return x + b.scale2 * apply_rowwise(b.ff, jax.vmap(b.norm2)(x))

@@ -2,12 +2,12 @@
 
 # %% auto #0
 __all__ = ['METRICS', 'score_parts', 'oracle_stft_sizes', 'oracle_irm', 'evaluate_model', 'missing_counts', 'mean_over_parts',
-           'summarise', 'markdown_table', 'mixture_consistent', 'user_errors', 'write_scores_csv',
+           'summarise', 'markdown_table', 'mixture_consistent', 'bss_eval', 'user_errors', 'write_scores_csv',
            'evaluate_checkpoint', 'main']
 
 # %% ../chapters/12_evaluate.ipynb #48b4579a
-"""Per-part SI-SDR/SI-SDRi evaluation of whole songs, with mixture and oracle-mask reference rows, and the evaluate
-command (generated from chapters/12_evaluate.ipynb)."""
+"""Per-part SI-SDR/SI-SDRi evaluation of whole songs, with mixture and oracle-mask reference rows,
+and the evaluate command (generated from chapters/12_evaluate.ipynb)."""
 
 import argparse
 import csv
@@ -28,8 +28,8 @@ from .checkpoints import CheckpointError, load_model
 from .choir import default_corpus_root
 from .config import AudioFileError, CorpusError, atomic_write
 from .data import JaCappellaDataset
-from .inference import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid, separate_long,
-                                        window_sizes)
+from .inference import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid,
+                                        separate_long, window_sizes)
 from .losses import IntLike, positive_int, si_sdr, si_sdri
 
 # %% ../chapters/12_evaluate.ipynb #c5f038b6
@@ -40,15 +40,19 @@ def score_parts(
     mixture: Float[np.ndarray, " T"],
     scored: Bool[np.ndarray, " N"],
 ) -> tuple[Float[np.ndarray, " N"], Float[np.ndarray, " N"]]:
-    """Whole-signal SI-SDR and SI-SDRi (dB) of each part; NaN where `scored` is False (absent or silent parts)."""
+    """Whole-signal SI-SDR and SI-SDRi (dB) of each part; NaN where `scored` is False (absent or
+    silent parts)."""
     estimates_j, targets_j = jnp.asarray(estimates), jnp.asarray(targets)
     values = np.asarray(si_sdr(estimates_j, targets_j), dtype=np.float64)
-    improvements = np.asarray(si_sdri(estimates_j, targets_j, jnp.asarray(mixture)), dtype=np.float64)
+    improvements = np.asarray(
+        si_sdri(estimates_j, targets_j, jnp.asarray(mixture)), dtype=np.float64
+    )
     return np.where(scored, values, np.nan), np.where(scored, improvements, np.nan)
 
 # %% ../chapters/12_evaluate.ipynb #ba461a35
 def oracle_stft_sizes(sample_rate: IntLike) -> tuple[int, int]:
-    """(fft_size, hop) of the oracle's STFT: the power of two nearest 64 ms of samples, and a quarter of it."""
+    """(fft_size, hop) of the oracle's STFT: the power of two nearest 64 ms of samples, and a
+    quarter of it."""
     sample_rate = positive_int(sample_rate, "sample_rate")
     fft_size = 2 ** round(math.log2(0.064 * sample_rate))
     return fft_size, fft_size // 4
@@ -62,9 +66,11 @@ def oracle_irm(
     fft_size: IntLike,
     hop: IntLike,
 ) -> Float[np.ndarray, "N T"]:
-    """Oracle ideal-ratio-mask estimates: |S_i|^2 / sum_j |S_j|^2 applied to the mixture's STFT, inverted.
+    """Oracle ideal-ratio-mask estimates: |S_i|^2 / sum_j |S_j|^2 applied to the mixture's STFT,
+    inverted.
 
-    STFT: periodic Hann window of `fft_size`, hop `hop`, frames centred (zero padding at both ends)."""
+    STFT: periodic Hann window of `fft_size`, hop `hop`, frames centred (zero padding at both
+    ends)."""
     from scipy.signal import istft, stft
 
     fft_size, hop = positive_int(fft_size, "fft_size"), positive_int(hop, "hop")
@@ -73,69 +79,115 @@ def oracle_irm(
     total = power.sum(0, keepdims=True)
     masks = np.where(total > 0, power / np.where(total > 0, total, 1.0), 1.0 / targets.shape[0])
     estimates = istft(masks * stft(mixture, **sizes)[2][None], **sizes)[1]
-    return estimates[:, :mixture.shape[0]].astype(np.float32)
+    return estimates[:, : mixture.shape[0]].astype(np.float32)
 
 # %% ../chapters/12_evaluate.ipynb #c2d4be8b
-METRICS: tuple[str, ...] = ("mixture_si_sdr", "model_si_sdr", "model_si_sdri", "oracle_si_sdr", "oracle_si_sdri")
+METRICS: tuple[str, ...] = (
+    "mixture_si_sdr",
+    "model_si_sdr",
+    "model_si_sdri",
+    "oracle_si_sdr",
+    "oracle_si_sdri",
+)
 
 
-def evaluate_model(model: Callable, dataset: JaCappellaDataset, *, window_seconds: float = WINDOW_SECONDS,
-                   overlap_seconds: float = OVERLAP_SECONDS, batch_windows: int = BATCH_WINDOWS,
-                   max_songs: int | None = None, progress: bool = False) -> list[dict]:
-    """Rows {song, part, *METRICS} (dB) for each song of `dataset` (the first `max_songs`, default all) and each part
-    present and not silent in it. The model is scored through `separate_long`, its hop on `frame_grid(model)`.
+def evaluate_model(
+    model: Callable,
+    dataset: JaCappellaDataset,
+    *,
+    window_seconds: float = WINDOW_SECONDS,
+    overlap_seconds: float = OVERLAP_SECONDS,
+    batch_windows: int = BATCH_WINDOWS,
+    max_songs: int | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """Rows {song, part, *METRICS} (dB) for each song of `dataset` (the first `max_songs`, default
+    all) and each part present and not silent in it. The model is scored through `separate_long`,
+    its hop on `frame_grid(model)`.
 
-    Every system hears the song's real mixture (`dataset.song`: mixture.wav where there is one), and SI-SDRi is
-    measured against it. What the mixture holds beyond the scored parts (vocal percussion, a part the model does not
-    output) is one more source for the oracle's masks, so the oracle is not handed that sound for free."""
+    Every system hears the song's real mixture (`dataset.song`: mixture.wav where there is one), and
+    SI-SDRi is measured against it. What the mixture holds beyond the scored parts (vocal
+    percussion, a part the model does not output) is one more source for the oracle's masks, so the
+    oracle is not handed that sound for free."""
     rate = dataset.sample_rate
     window, overlap = window_sizes(window_seconds, overlap_seconds, rate, frame_grid(model))
     fft_size, hop = oracle_stft_sizes(rate)
     rows = []
     count = len(dataset) if max_songs is None else min(len(dataset), max_songs)
-    for index in tqdm(range(count), desc=f"evaluating {dataset.split}", unit="song", disable=not progress):
+    for index in tqdm(
+        range(count), desc=f"evaluating {dataset.split}", unit="song", disable=not progress
+    ):
         song = dataset.song(index)
         mixture, targets, scored = song["mixture"], song["stems"], song["active"]
-        estimates = separate_long(model, mixture, window_samples=window, overlap_samples=overlap,
-                                  batch_windows=batch_windows)
+        estimates = separate_long(
+            model,
+            mixture,
+            window_samples=window,
+            overlap_samples=overlap,
+            batch_windows=batch_windows,
+        )
         rest = mixture - targets.sum(axis=0)
-        if np.sum(rest**2) > 1e-6 * np.sum(mixture**2):  # more than rounding: the mixture holds other sources
-            oracle = oracle_irm(np.vstack([targets, rest[None]]), mixture, fft_size=fft_size, hop=hop)[:-1]
+        if np.sum(rest**2) > 1e-6 * np.sum(
+            mixture**2
+        ):  # more than rounding: the mixture holds other sources
+            oracle = oracle_irm(
+                np.vstack([targets, rest[None]]), mixture, fft_size=fft_size, hop=hop
+            )[:-1]
         else:
             oracle = oracle_irm(targets, mixture, fft_size=fft_size, hop=hop)
-        mixture_sdr, _ = score_parts(np.broadcast_to(mixture, targets.shape).copy(), targets, mixture, scored)
+        mixture_sdr, _ = score_parts(
+            np.broadcast_to(mixture, targets.shape).copy(), targets, mixture, scored
+        )
         model_sdr, model_sdri = score_parts(estimates, targets, mixture, scored)
         oracle_sdr, oracle_sdri = score_parts(oracle, targets, mixture, scored)
         for i, part in enumerate(dataset.stems):
             if scored[i]:
-                rows.append({"song": dataset[index].name, "part": part, "mixture_si_sdr": float(mixture_sdr[i]),
-                             "model_si_sdr": float(model_sdr[i]), "model_si_sdri": float(model_sdri[i]),
-                             "oracle_si_sdr": float(oracle_sdr[i]), "oracle_si_sdri": float(oracle_sdri[i])})
+                rows.append(
+                    {
+                        "song": dataset[index].name,
+                        "part": part,
+                        "mixture_si_sdr": float(mixture_sdr[i]),
+                        "model_si_sdr": float(model_sdr[i]),
+                        "model_si_sdri": float(model_sdri[i]),
+                        "oracle_si_sdr": float(oracle_sdr[i]),
+                        "oracle_si_sdri": float(oracle_sdri[i]),
+                    }
+                )
     return rows
 
 
 def missing_counts(dataset: JaCappellaDataset) -> dict[str, int]:
     """How many songs of `dataset` lack each part's file while other songs of the corpus have it."""
-    return {part: sum(part in parts for parts in dataset.missing.values()) for part in dataset.stems}
+    return {
+        part: sum(part in parts for parts in dataset.missing.values()) for part in dataset.stems
+    }
 
 
 def mean_over_parts(summary: list[dict], metric: str = "model_si_sdri") -> float:
-    """The mean of the per-part means of `metric` over the parts scored at least once (each part weighs the same)."""
-    means = [entry[f"{metric}_mean"] for entry in summary if entry["part"] != "all" and entry["songs"]]
+    """The mean of the per-part means of `metric` over the parts scored at least once (each part
+    weighs the same)."""
+    means = [
+        entry[f"{metric}_mean"] for entry in summary if entry["part"] != "all" and entry["songs"]
+    ]
     return float(np.mean(means)) if means else float("nan")
 
 
-def summarise(rows: list[dict], parts: tuple[str, ...] | None = None,
-              missing: dict[str, int] | None = None) -> list[dict]:
-    """Per part (in `parts` order, default: order of appearance) and 'all': songs scored, songs missing the part's
-    file (from `missing`, e.g. `missing_counts(dataset)`), mean and median of METRICS."""
+def summarise(
+    rows: list[dict], parts: tuple[str, ...] | None = None, missing: dict[str, int] | None = None
+) -> list[dict]:
+    """Per part (in `parts` order, default: order of appearance) and 'all': songs scored, songs
+    missing the part's file (from `missing`, e.g. `missing_counts(dataset)`), mean and median of
+    METRICS."""
     parts = parts or tuple(dict.fromkeys(row["part"] for row in rows))
     missing = missing or {}
     summary = []
     for part in (*parts, "all"):
         chosen = [row for row in rows if part in ("all", row["part"])]
-        entry = {"part": part, "songs": len(chosen),
-                 "missing": sum(missing.values()) if part == "all" else missing.get(part, 0)}
+        entry = {
+            "part": part,
+            "songs": len(chosen),
+            "missing": sum(missing.values()) if part == "all" else missing.get(part, 0),
+        }
         for metric in METRICS:
             values = np.array([row[metric] for row in chosen], dtype=np.float64)
             entry[f"{metric}_mean"] = float(values.mean()) if values.size else float("nan")
@@ -144,8 +196,13 @@ def summarise(rows: list[dict], parts: tuple[str, ...] | None = None,
     return summary
 
 # %% ../chapters/12_evaluate.ipynb #6714b32a
-_COLUMNS = (("mixture_si_sdr", "mixture SI-SDR"), ("model_si_sdr", "model SI-SDR"), ("model_si_sdri", "model SI-SDRi"),
-            ("oracle_si_sdr", "oracle IRM SI-SDR"), ("oracle_si_sdri", "oracle IRM SI-SDRi"))
+_COLUMNS = (
+    ("mixture_si_sdr", "mixture SI-SDR"),
+    ("model_si_sdr", "model SI-SDR"),
+    ("model_si_sdri", "model SI-SDRi"),
+    ("oracle_si_sdr", "oracle IRM SI-SDR"),
+    ("oracle_si_sdri", "oracle IRM SI-SDRi"),
+)
 
 
 def markdown_table(summary: list[dict]) -> str:
@@ -153,14 +210,24 @@ def markdown_table(summary: list[dict]) -> str:
     header = "| part | songs | " + " | ".join(title for _, title in _COLUMNS) + " |"
     lines = [header, "|" + "---|" * (2 + len(_COLUMNS))]
     for entry in summary:
-        cells = [f"{entry[f'{key}_mean']:.2f} / {entry[f'{key}_median']:.2f}" if entry["songs"] else "not scored"
-                 for key, _ in _COLUMNS]
+        cells = [
+            f"{entry[f'{key}_mean']:.2f} / {entry[f'{key}_median']:.2f}"
+            if entry["songs"]
+            else "not scored"
+            for key, _ in _COLUMNS
+        ]
         lines.append(f"| {entry['part']} | {entry['songs']} | " + " | ".join(cells) + " |")
     note = "\n\nCells: mean / median over songs, in dB.\n"
-    gaps = [f"{entry['part']} in {entry['missing']}" for entry in summary if entry["part"] != "all" and entry.get("missing")]
+    gaps = [
+        f"{entry['part']} in {entry['missing']}"
+        for entry in summary
+        if entry["part"] != "all" and entry.get("missing")
+    ]
     if gaps:
-        note += (f"Songs without the part's file (not scored; the mixture still holds what was sung): "
-                 f"{', '.join(gaps)}.\n")
+        note += (
+            f"Songs without the part's file (not scored; the mixture still holds what was sung): "
+            f"{', '.join(gaps)}.\n"
+        )
     return "\n".join(lines) + note
 
 # %% ../chapters/12_evaluate.ipynb #16f395a0
@@ -168,16 +235,64 @@ def markdown_table(summary: list[dict]) -> str:
 def mixture_consistent(
     estimates: Float[np.ndarray, "N T"], mixture: Float[np.ndarray, " T"]
 ) -> tuple[Float[np.ndarray, "N T"], Float[np.ndarray, " N"]]:
-    """Rescale each part by the gain (sign included) that makes the parts add up to the mixture as closely as
-    possible: g = argmin ||mixture - sum_i g_i estimates_i||^2. Returns (rescaled parts, g)."""
+    """Rescale each part by the gain (sign included) that makes the parts add up to the mixture as
+    closely as possible: g = argmin ||mixture - sum_i g_i estimates_i||^2. Returns (rescaled parts,
+    g)."""
     parts = estimates.astype(np.float64)
     gains = np.linalg.lstsq(parts @ parts.T, parts @ mixture.astype(np.float64), rcond=1e-10)[0]
     return (parts * gains[:, None]).astype(np.float32), gains
 
+# %% ../chapters/12_evaluate.ipynb #bss-eval
+@jaxtyped(typechecker=beartype)
+def bss_eval(
+    estimates: Float[np.ndarray, "N T"], targets: Float[np.ndarray, "N T"], taps: IntLike
+) -> Float[np.ndarray, "N 3"]:
+    """SDR, SIR and SAR (dB) of each estimate, BSS Eval style: projections of the estimate onto
+    `taps` delays of its own target (the target part) and of all targets (adding the interference);
+    the rest is artefact."""
+    from scipy.signal import fftconvolve
+
+    taps = positive_int(taps, "taps")
+    count, length = targets.shape
+    targets, estimates = targets.astype(np.float64), estimates.astype(np.float64)
+    n_fft = int(2 ** np.ceil(np.log2(length + taps)))
+    spectra = np.fft.rfft(targets, n_fft)
+    correlation = np.fft.irfft(spectra[:, None] * np.conj(spectra[None]), n_fft)  # [i, k, lag]
+    lags = np.arange(taps)
+    gram = correlation[
+        :, :, (lags[None, :] - lags[:, None]) % n_fft
+    ]  # <s_i(t-a), s_k(t-b)>, [i, k, a, b]
+    gram = gram.transpose(0, 2, 1, 3)  # [i, a, k, b]
+    db = lambda a, b: float(10 * np.log10(max(np.sum(a**2), 1e-20) / max(np.sum(b**2), 1e-20)))
+    scores = []
+    for j in range(count):
+        cross = np.fft.irfft(np.conj(spectra) * np.fft.rfft(estimates[j], n_fft)[None], n_fft)[
+            :, :taps
+        ]
+
+        def project(rows: list[int]) -> np.ndarray:
+            system = gram[np.ix_(rows, lags, rows, lags)].reshape(len(rows) * taps, -1)
+            filters = np.linalg.lstsq(system, cross[rows].reshape(-1), rcond=None)[0].reshape(
+                len(rows), taps
+            )
+            return sum(fftconvolve(targets[i], f)[:length] for i, f in zip(rows, filters))
+
+        target_part = project([j])
+        interference = project(list(range(count))) - target_part
+        artefacts = estimates[j] - target_part - interference
+        scores.append(
+            (
+                db(target_part, interference + artefacts),
+                db(target_part, interference),
+                db(target_part + interference, artefacts),
+            )
+        )
+    return np.array(scores)
+
 # %% ../chapters/12_evaluate.ipynb #355a5942
 def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad input, which the commands report in one line (no traceback): corpus, audio file,
-    checkpoint."""
+    """Exceptions that mean bad input, which the commands report in one line (no traceback): corpus,
+    audio file, checkpoint."""
     return (CorpusError, AudioFileError, CheckpointError, FileNotFoundError)
 
 
@@ -193,51 +308,107 @@ def write_scores_csv(rows: list[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike | None, data_root: str | os.PathLike | None, *,
-                        out_dir: str | os.PathLike, split: str = "test", window_seconds: float = WINDOW_SECONDS,
-                        overlap_seconds: float = OVERLAP_SECONDS, batch_windows: int = BATCH_WINDOWS,
-                        progress: bool = True, strict: bool = False) -> tuple[list[dict], list[dict], dict[str, Path]]:
-    """Evaluate a checkpoint (None: the committed one) on a split of a corpus (None: the profile's); write CSV + Markdown.
-    `strict`: a song missing a part's file, or whose mixture.wav is not the sum of its parts, is an error."""
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike | None,
+    data_root: str | os.PathLike | None,
+    *,
+    out_dir: str | os.PathLike,
+    split: str = "test",
+    window_seconds: float = WINDOW_SECONDS,
+    overlap_seconds: float = OVERLAP_SECONDS,
+    batch_windows: int = BATCH_WINDOWS,
+    progress: bool = True,
+    strict: bool = False,
+) -> tuple[list[dict], list[dict], dict[str, Path]]:
+    """Evaluate a checkpoint (None: the committed one) on a split of a corpus (None: the profile's);
+    write CSV + Markdown. `strict`: a song missing a part's file, or whose mixture.wav is not the
+    sum of its parts, is an error."""
     model, meta = load_model(checkpoint)
     root = Path(data_root).expanduser() if data_root is not None else default_corpus_root()
-    dataset = JaCappellaDataset(root, sample_rate=model.config.sample_rate, stems=tuple(meta["stems"]), split=split,
-                                progress=progress, strict=strict)
-    rows = evaluate_model(model, dataset, window_seconds=window_seconds, overlap_seconds=overlap_seconds,
-                          batch_windows=batch_windows, progress=progress)
+    dataset = JaCappellaDataset(
+        root,
+        sample_rate=model.config.sample_rate,
+        stems=tuple(meta["stems"]),
+        split=split,
+        progress=progress,
+        strict=strict,
+    )
+    rows = evaluate_model(
+        model,
+        dataset,
+        window_seconds=window_seconds,
+        overlap_seconds=overlap_seconds,
+        batch_windows=batch_windows,
+        progress=progress,
+    )
     if not rows:
-        raise CorpusError(f"No part of any song in the {split!r} split of {root} has audible audio to score.")
+        raise CorpusError(
+            f"No part of any song in the {split!r} split of {root} has audible audio to score."
+        )
     summary = summarise(rows, dataset.stems, missing_counts(dataset))
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": write_scores_csv(rows, out / f"scores_{split}.csv"), "markdown": out / f"summary_{split}.md"}
-    title = f"# SI-SDR on the {split} split of {root}\n\nCheckpoint: {checkpoint or 'committed book checkpoint'}\n\n"
+    paths = {
+        "csv": write_scores_csv(rows, out / f"scores_{split}.csv"),
+        "markdown": out / f"summary_{split}.md",
+    }
+    title = (
+        f"# SI-SDR on the {split} split of {root}\n\nCheckpoint: "
+        f"{checkpoint or 'committed book checkpoint'}\n\n"
+    )
     atomic_write(paths["markdown"], lambda f: f.write((title + markdown_table(summary)).encode()))
     return rows, summary, paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sepreformer_book.evaluate [--checkpoint C] [--data ROOT] [--split test] --out DIR`."""
-    parser = argparse.ArgumentParser(prog="python -m sepreformer_book.evaluate",
-                                     description="Per-part SI-SDR / SI-SDRi of a checkpoint on a corpus split, with "
-                                                 "mixture and oracle-mask reference rows.")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: the committed one)")
-    parser.add_argument("--data", type=Path, default=None, help="corpus root (default: the profile's synthetic corpus "
-                                                                "or $JACAPPELLA_ROOT)")
+    """`python -m sepreformer_book.evaluate [--checkpoint C] [--data ROOT] [--split test] --out
+    DIR`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sepreformer_book.evaluate",
+        description="Per-part SI-SDR / SI-SDRi of a checkpoint on a corpus split, with "
+        "mixture and oracle-mask reference rows.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint directory (default: the committed one)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="corpus root (default: the profile's synthetic corpus or $JACAPPELLA_ROOT)",
+    )
     parser.add_argument("--split", default="test", choices=("train", "valid", "test", "all"))
-    parser.add_argument("--out", type=Path, required=True, help="directory for scores_<split>.csv and summary_<split>.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory for scores_<split>.csv and summary_<split>.md",
+    )
     parser.add_argument("--window-seconds", type=float, default=WINDOW_SECONDS)
     parser.add_argument("--overlap-seconds", type=float, default=OVERLAP_SECONDS)
     parser.add_argument("--batch-windows", type=int, default=BATCH_WINDOWS)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--strict", action="store_true",
-                        help="a song missing a part file, or whose mixture.wav is not its parts' sum, is an error")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="a song missing a part file, or whose mixture.wav is not its parts' sum, is an error",
+    )
     args = parser.parse_args(argv)
     try:
         _, summary, paths = evaluate_checkpoint(
-            args.checkpoint, args.data, out_dir=args.out, split=args.split, window_seconds=args.window_seconds,
-            overlap_seconds=args.overlap_seconds, batch_windows=args.batch_windows, progress=not args.no_progress,
-            strict=args.strict)
+            args.checkpoint,
+            args.data,
+            out_dir=args.out,
+            split=args.split,
+            window_seconds=args.window_seconds,
+            overlap_seconds=args.overlap_seconds,
+            batch_windows=args.batch_windows,
+            progress=not args.no_progress,
+            strict=args.strict,
+        )
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

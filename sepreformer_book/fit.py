@@ -6,7 +6,8 @@ __all__ = ['TRACE_COUNTS', 'decay_mask', 'OptimizerConfig', 'learning_rate_sched
            'train_loop', 'overfit', 'event_tags']
 
 # %% ../chapters/08_fit.ipynb #d98940cf
-"""Optimizer, jitted training step, logging and the training loop (generated from chapters/08_fit.ipynb)."""
+"""Optimizer, jitted training step, logging and the training loop (generated from
+chapters/08_fit.ipynb)."""
 import functools
 import itertools
 import time
@@ -26,7 +27,8 @@ from .losses import batch_composite_loss, si_sdr
 
 # %% ../chapters/08_fit.ipynb #0e1b7d7c
 def decay_mask(params: PyTree) -> PyTree:
-    """True where weight decay applies: leaves named `weight` with two or more axes (linear and conv kernels)."""
+    """True where weight decay applies: leaves named `weight` with two or more axes (linear and conv
+    kernels)."""
 
     def is_weight_matrix(path, leaf) -> bool:
         name = getattr(path[-1], "name", None)  # the attribute that holds the leaf
@@ -43,7 +45,9 @@ class OptimizerConfig:
     weight_decay: float = 1e-2
     clip_norm: float = 1.0
     warmup_steps: int = 0
-    decay_steps: int | None = None  # cosine decay to 10 % of the peak over this many steps; None keeps it constant
+    decay_steps: int | None = (
+        None  # cosine decay to 10 % of the peak over this many steps; None keeps it constant
+    )
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
@@ -55,20 +59,28 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
         warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
         return optax.join_schedules([warmup, constant], [config.warmup_steps])
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=max(config.decay_steps, config.warmup_steps + 1), end_value=0.1 * config.learning_rate)
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.decay_steps, config.warmup_steps + 1),
+        end_value=0.1 * config.learning_rate,
+    )
 
 
 def make_optimizer(config: OptimizerConfig | None = None) -> optax.GradientTransformation:
-    """The original tutorial's optimizer: global-norm clipping, then AdamW with decay on weight matrices only."""
+    """The original tutorial's optimizer: global-norm clipping, then AdamW with decay on weight
+    matrices only."""
     return _optimizer_for(OptimizerConfig() if config is None else config)
 
 
-@functools.cache  # one object per config: `step` treats the optimizer as static, so a new object would recompile it
+# one object per config: `step` treats the optimizer as static, so a new object would recompile it
+@functools.cache
 def _optimizer_for(config: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(learning_rate_schedule(config), weight_decay=config.weight_decay, mask=decay_mask),
+        optax.adamw(
+            learning_rate_schedule(config), weight_decay=config.weight_decay, mask=decay_mask
+        ),
     )
 
 # %% ../chapters/08_fit.ipynb #13aee845
@@ -78,24 +90,33 @@ TRACE_COUNTS: dict[str, int] = {"step": 0}
 def batch_loss(model: eqx.Module, batch: dict) -> tuple[Float[Array, ""], Float[Array, "B N T"]]:
     """Mean composite loss over the batch, and the estimates (for metrics)."""
     estimates = jax.vmap(model)(batch["mixture"])
-    return batch_composite_loss(estimates, batch["stems"], batch["active"], batch["present"]), estimates
+    return batch_composite_loss(
+        estimates, batch["stems"], batch["active"], batch["present"]
+    ), estimates
 
 
 def stem_si_sdr(estimates: Float[Array, "B N T"], batch: dict) -> Float[Array, "N"]:
-    """SI-SDR of each stem, averaged over the batch items where it is active (NaN where it never is)."""
+    """SI-SDR of each stem, averaged over the batch items where it is active (NaN where it never
+    is)."""
     values = si_sdr(estimates, jnp.asarray(batch["stems"]))
     active = batch["active"].astype(values.dtype)
     return jnp.sum(values * active, axis=0) / jnp.sum(active, axis=0)
 
 
 @eqx.filter_jit(donate="all")
-def step(model: eqx.Module, opt_state: PyTree, batch: dict, optimizer: optax.GradientTransformation):
+def step(
+    model: eqx.Module, opt_state: PyTree, batch: dict, optimizer: optax.GradientTransformation
+):
     """One AdamW update on one batch: returns the new model, optimizer state and metrics."""
     TRACE_COUNTS["step"] += 1
     (loss, estimates), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(model, batch)
     updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
     model = eqx.apply_updates(model, updates)
-    metrics = {"loss": loss, "si_sdr": stem_si_sdr(estimates, batch), "grad_norm": optax.tree.norm(grads)}
+    metrics = {
+        "loss": loss,
+        "si_sdr": stem_si_sdr(estimates, batch),
+        "grad_norm": optax.tree.norm(grads),
+    }
     return model, opt_state, metrics
 
 # %% ../chapters/08_fit.ipynb #11085d86
@@ -105,19 +126,34 @@ def separate_batch(model: eqx.Module, mixture: Float[Array, "B T"]) -> Float[Arr
     return jax.vmap(model)(mixture)
 
 
-def log_audio_samples(model: eqx.Module, batch: dict, writer, global_step: int, sample_rate: int,
-                      stem_names: tuple[str, ...]) -> None:
+def log_audio_samples(
+    model: eqx.Module,
+    batch: dict,
+    writer,
+    global_step: int,
+    sample_rate: int,
+    stem_names: tuple[str, ...],
+) -> None:
     """Write the first item's mixture, true stems and estimates to TensorBoard as audio."""
     mixture = np.asarray(batch["mixture"][0])
     stems = np.asarray(batch["stems"][0])
     estimates = np.asarray(separate_batch(model, batch["mixture"][:1])[0])
     writer.add_audio("mixture", peak_scale(mixture), global_step, sample_rate=sample_rate)
     for name, true, estimate in zip(stem_names, stems, estimates):
-        writer.add_audio(f"true/{name}", peak_scale(true, reference=mixture), global_step, sample_rate=sample_rate)
-        writer.add_audio(f"estimate/{name}", peak_scale(estimate), global_step, sample_rate=sample_rate)
+        writer.add_audio(
+            f"true/{name}",
+            peak_scale(true, reference=mixture),
+            global_step,
+            sample_rate=sample_rate,
+        )
+        writer.add_audio(
+            f"estimate/{name}", peak_scale(estimate), global_step, sample_rate=sample_rate
+        )
 
 
-def log_scalars(writer, metrics: dict, global_step: int, learning_rate: float, stem_names: tuple[str, ...]) -> None:
+def log_scalars(
+    writer, metrics: dict, global_step: int, learning_rate: float, stem_names: tuple[str, ...]
+) -> None:
     """Loss, gradient norm, learning rate and per-part SI-SDR as TensorBoard scalars."""
     writer.add_scalar("loss", float(metrics["loss"]), global_step)
     writer.add_scalar("grad_norm", float(metrics["grad_norm"]), global_step)
@@ -146,25 +182,40 @@ def mean_over_active(per_stem: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
-def train_loop(model: eqx.Module, batches: Iterable[dict], num_steps: int, *,
-               optimizer_config: OptimizerConfig = OptimizerConfig(), opt_state: PyTree | None = None,
-               first_step: int = 0, writer=None, stem_names: tuple[str, ...] = (), sample_rate: int = 0,
-               log_every: int = 10, audio_every: int | None = None, stop_at_si_sdr: float | None = None,
-               patience: int = 10, description: str = "training", progress: bool = True,
-               callback: Callable[[int, eqx.Module, PyTree, History], bool | None] | None = None,
-               ) -> tuple[eqx.Module, PyTree, History]:
-    """Train for `num_steps` steps, or until the mean active SI-SDR has been at least `stop_at_si_sdr` dB for
-    `patience` steps in a row (one lucky step is not enough: the next update can undo it).
+def train_loop(
+    model: eqx.Module,
+    batches: Iterable[dict],
+    num_steps: int,
+    *,
+    optimizer_config: OptimizerConfig = OptimizerConfig(),
+    opt_state: PyTree | None = None,
+    first_step: int = 0,
+    writer=None,
+    stem_names: tuple[str, ...] = (),
+    sample_rate: int = 0,
+    log_every: int = 10,
+    audio_every: int | None = None,
+    stop_at_si_sdr: float | None = None,
+    patience: int = 10,
+    description: str = "training",
+    progress: bool = True,
+    callback: Callable[[int, eqx.Module, PyTree, History], bool | None] | None = None,
+) -> tuple[eqx.Module, PyTree, History]:
+    """Train for `num_steps` steps, or until the mean active SI-SDR has been at least
+    `stop_at_si_sdr` dB for `patience` steps in a row (one lucky step is not enough: the next update
+    can undo it).
 
-    `callback(index, model, opt_state, history)` runs after every step (validation, checkpoints: the training chapter);
-    returning True stops the loop."""
+    `callback(index, model, opt_state, history)` runs after every step (validation, checkpoints: the
+    training chapter); returning True stops the loop."""
     optimizer = make_optimizer(optimizer_config)
     schedule = learning_rate_schedule(optimizer_config)
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     history = History()
     start = time.perf_counter()
-    bar = tqdm(total=num_steps, desc=description, unit="step", mininterval=5.0, disable=not progress)
+    bar = tqdm(
+        total=num_steps, desc=description, unit="step", mininterval=5.0, disable=not progress
+    )
     for index, batch in zip(range(first_step, first_step + num_steps), batches):
         if writer is not None and audio_every and index % audio_every == 0:
             log_audio_samples(model, batch, writer, index, sample_rate, stem_names)
@@ -178,7 +229,11 @@ def train_loop(model: eqx.Module, batches: Iterable[dict], num_steps: int, *,
         history.learning_rate.append(float(schedule(index)))
         history.seconds.append(time.perf_counter() - start)
         bar.update(1)
-        bar.set_postfix(loss=f"{history.loss[-1]:.2f}", si_sdr=f"{history.mean_si_sdr[-1]:.1f} dB", refresh=False)
+        bar.set_postfix(
+            loss=f"{history.loss[-1]:.2f}",
+            si_sdr=f"{history.mean_si_sdr[-1]:.1f} dB",
+            refresh=False,
+        )
         if writer is not None and index % log_every == 0:
             log_scalars(writer, values, index, history.learning_rate[-1], stem_names)
         if callback is not None and callback(index, model, opt_state, history):
@@ -187,15 +242,21 @@ def train_loop(model: eqx.Module, batches: Iterable[dict], num_steps: int, *,
         if stop_at_si_sdr is not None and len(recent) == patience and min(recent) >= stop_at_si_sdr:
             break
     bar.close()
-    if writer is not None and history.step:  # the last step's scalars, if the loop ended between log points
+    if (
+        writer is not None and history.step
+    ):  # the last step's scalars, if the loop ended between log points
         log_scalars(writer, values, history.step[-1], history.learning_rate[-1], stem_names)
         writer.flush()
     return model, opt_state, history
 
 
-def overfit(model: eqx.Module, batch: dict, num_steps: int, **kwargs) -> tuple[eqx.Module, PyTree, History]:
+def overfit(
+    model: eqx.Module, batch: dict, num_steps: int, **kwargs
+) -> tuple[eqx.Module, PyTree, History]:
     """Train on one batch again and again: the sanity check before real training."""
-    return train_loop(model, itertools.repeat(batch), num_steps, description="overfitting", **kwargs)
+    return train_loop(
+        model, itertools.repeat(batch), num_steps, description="overfitting", **kwargs
+    )
 
 # %% ../chapters/08_fit.ipynb #42c50047
 def event_tags(logdir: str) -> dict[str, set[str]]:
@@ -210,8 +271,8 @@ def event_tags(logdir: str) -> dict[str, set[str]]:
         data = path.read_bytes()
         offset = 0
         while offset + 12 <= len(data):  # TFRecord framing: length, its CRC, payload, payload CRC
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
                 tags["audio" if value.HasField("audio") else "scalars"].add(value.tag)

@@ -5,8 +5,8 @@ __all__ = ['WINDOW_SECONDS', 'OVERLAP_SECONDS', 'BATCH_WINDOWS', 'unchunked_temp
            'separate_long', 'frame_grid', 'window_sizes']
 
 # %% ../chapters/11_inference.ipynb #ch11-imports
-"""Whole-song inference with bounded memory: overlapping windows, fixed-shape batches, normalised cross-fades
-(generated from chapters/11_inference.ipynb)."""
+"""Whole-song inference with bounded memory: overlapping windows, fixed-shape batches, normalised
+cross-fades (generated from chapters/11_inference.ipynb)."""
 
 import math
 import operator
@@ -25,29 +25,43 @@ from .losses import IntLike, positive_int
 
 # %% ../chapters/11_inference.ipynb #8db8bbec
 def unchunked_temp_bytes(model: Callable, num_samples: IntLike) -> int:
-    """Bytes of temporary buffers XLA plans for one forward pass over `num_samples` samples (compiled, not run)."""
+    """Bytes of temporary buffers XLA plans for one forward pass over `num_samples` samples
+    (compiled, not run)."""
     params, static = eqx.partition(model, eqx.is_array)
-    compiled = jax.jit(lambda p, x: eqx.combine(p, static)(x)).lower(
-        params, jax.ShapeDtypeStruct((operator.index(num_samples),), jnp.float32)).compile()
+    compiled = (
+        jax.jit(lambda p, x: eqx.combine(p, static)(x))
+        .lower(params, jax.ShapeDtypeStruct((operator.index(num_samples),), jnp.float32))
+        .compile()
+    )
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 # %% ../chapters/11_inference.ipynb #0d371da5
-def crossfade_weights(window_samples: IntLike, overlap_samples: IntLike) -> Float[np.ndarray, "window"]:
-    """w(n) of one window: sin^2 fade-in over the first `overlap_samples`, 1, then the mirrored cos^2 fade-out."""
+def crossfade_weights(
+    window_samples: IntLike, overlap_samples: IntLike
+) -> Float[np.ndarray, "window"]:
+    """w(n) of one window: sin^2 fade-in over the first `overlap_samples`, 1, then the mirrored
+    cos^2 fade-out."""
     window = positive_int(window_samples, "window_samples")
     overlap = positive_int(overlap_samples, "overlap_samples", minimum=0)
     if 2 * overlap > window:
-        raise ValueError(f"overlap_samples={overlap} is more than half of window_samples={window}: at most two "
-                         "windows may overlap anywhere. Use a smaller overlap or a longer window.")
+        raise ValueError(
+            f"overlap_samples={overlap} is more than half of window_samples={window}: at most two "
+            "windows may overlap anywhere. Use a smaller overlap or a longer window."
+        )
     weights = np.ones(window)
     fade_in = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / max(overlap, 1)) ** 2
     weights[:overlap] = fade_in
-    weights[window - overlap:] = fade_in[::-1]  # sin^2 reversed is cos^2: fade-in + fade-out = 1 sample by sample
+    weights[window - overlap :] = fade_in[
+        ::-1
+    ]  # sin^2 reversed is cos^2: fade-in + fade-out = 1 sample by sample
     return weights
 
 
-def window_starts(num_samples: IntLike, window_samples: IntLike, overlap_samples: IntLike) -> np.ndarray:
-    """s_k = k (W - O) for the fewest windows that cover `num_samples` samples (at least one window)."""
+def window_starts(
+    num_samples: IntLike, window_samples: IntLike, overlap_samples: IntLike
+) -> np.ndarray:
+    """s_k = k (W - O) for the fewest windows that cover `num_samples` samples (at least one
+    window)."""
     num_samples = positive_int(num_samples, "num_samples")
     window = positive_int(window_samples, "window_samples")
     hop = window - positive_int(overlap_samples, "overlap_samples", minimum=0)
@@ -55,7 +69,8 @@ def window_starts(num_samples: IntLike, window_samples: IntLike, overlap_samples
     return hop * np.arange(count)
 
 # %% ../chapters/11_inference.ipynb #b5e28f5d
-WINDOW_SECONDS = 2.0  # default window for whole-song inference (see the evaluation chapter, "How long a window?")
+# default window for whole-song inference (see the evaluation chapter, "How long a window?")
+WINDOW_SECONDS = 2.0
 OVERLAP_SECONDS = 0.25  # default cross-fade length
 BATCH_WINDOWS = 4  # windows separated per call of the model
 
@@ -70,10 +85,12 @@ def separate_long(
     batch_windows: IntLike = BATCH_WINDOWS,
     progress: bool = False,
 ) -> Float[np.ndarray, "N T"]:
-    """Separate a mixture of any length: overlapping windows, fixed-shape batches, normalised cross-fade overlap-add.
+    """Separate a mixture of any length: overlapping windows, fixed-shape batches, normalised
+    cross-fade overlap-add.
 
-    model: unbatched, (W,) -> (N, W), e.g. a SepReformer. Returns float32 (N, T) on the host, T = len(mixture).
-    Device memory holds one (batch_windows, W) batch at a time; one compile per (batch_windows, W).
+    model: unbatched, (W,) -> (N, W), e.g. a SepReformer. Returns float32 (N, T) on the host, T =
+    len(mixture). Device memory holds one (batch_windows, W) batch at a time; one compile per
+    (batch_windows, W).
     """
     window = positive_int(window_samples, "window_samples")
     batch = positive_int(batch_windows, "batch_windows")
@@ -81,47 +98,62 @@ def separate_long(
     mixture = np.asarray(mixture, dtype=np.float32)
     num_samples = mixture.shape[0]
     if not np.all(np.isfinite(mixture)):
-        raise ValueError("separate_long: the mixture holds NaN or Inf samples; clean or re-export the audio first.")
+        raise ValueError(
+            "separate_long: the mixture holds NaN or Inf samples; clean or re-export the audio "
+            "first."
+        )
     starts = window_starts(num_samples, window, overlap_samples)
     padded = np.zeros(int(starts[-1]) + window, dtype=np.float32)
     padded[:num_samples] = mixture
     weight_sum = np.zeros(padded.size)
     for start in starts:
-        weight_sum[start:start + window] += weights
+        weight_sum[start : start + window] += weights
     accumulated = None
-    with tqdm(total=len(starts), desc="separating", unit="window", disable=not progress, mininterval=1.0) as bar:
+    with tqdm(
+        total=len(starts), desc="separating", unit="window", disable=not progress, mininterval=1.0
+    ) as bar:
         for first in range(0, len(starts), batch):
-            batch_starts = starts[first:first + batch]
-            windows = np.zeros((batch, window), dtype=np.float32)  # silent rows fill up the last batch
+            batch_starts = starts[first : first + batch]
+            windows = np.zeros(
+                (batch, window), dtype=np.float32
+            )  # silent rows fill up the last batch
             for row, start in enumerate(batch_starts):
-                windows[row] = padded[start:start + window]
-            estimates = np.asarray(separate_batch(model, windows))  # (batch, N, W); blocks until done
+                windows[row] = padded[start : start + window]
+            estimates = np.asarray(
+                separate_batch(model, windows)
+            )  # (batch, N, W); blocks until done
             if estimates.ndim != 3 or estimates.shape[2] != window:
-                raise ValueError(f"separate_long: the model turned windows of {window} samples into shape "
-                                 f"{estimates.shape[1:]}; it must return (stems, {window}).")
+                raise ValueError(
+                    f"separate_long: the model turned windows of {window} samples into shape "
+                    f"{estimates.shape[1:]}; it must return (stems, {window})."
+                )
             if accumulated is None:
                 accumulated = np.zeros((estimates.shape[1], padded.size))
             for row, start in enumerate(batch_starts):
-                accumulated[:, start:start + window] += weights * estimates[row]
+                accumulated[:, start : start + window] += weights * estimates[row]
             bar.update(len(batch_starts))
     return (accumulated[:, :num_samples] / weight_sum[:num_samples]).astype(np.float32)
 
 # %% ../chapters/11_inference.ipynb #0bd20dbc
 def frame_grid(model: Callable) -> int:
-    """Samples between chunk starts of a SepReformer-like model (stride x chunk_size); 1 for models without a config."""
+    """Samples between chunk starts of a SepReformer-like model (stride x chunk_size); 1 for models
+    without a config."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "stride") or not hasattr(config, "chunk_size"):
         return 1
     return int(config.stride) * int(config.chunk_size)
 
 
-def window_sizes(window_seconds: float, overlap_seconds: float, sample_rate: IntLike,
-                 grid: IntLike = 1) -> tuple[int, int]:
-    """(window_samples, overlap_samples) near the requested seconds, with the hop W - O a multiple of `grid` samples
-    (at least one grid) and the overlap at most the hop."""
+def window_sizes(
+    window_seconds: float, overlap_seconds: float, sample_rate: IntLike, grid: IntLike = 1
+) -> tuple[int, int]:
+    """(window_samples, overlap_samples) near the requested seconds, with the hop W - O a multiple
+    of `grid` samples (at least one grid) and the overlap at most the hop."""
     if not window_seconds > 0 or not overlap_seconds >= 0:
-        raise ValueError(f"window_seconds must be positive and overlap_seconds non-negative, "
-                         f"got {window_seconds} and {overlap_seconds}.")
+        raise ValueError(
+            f"window_seconds must be positive and overlap_seconds non-negative, "
+            f"got {window_seconds} and {overlap_seconds}."
+        )
     rate, grid = positive_int(sample_rate, "sample_rate"), positive_int(grid, "grid")
     overlap = round(overlap_seconds * rate)
     hop = max(grid, round((window_seconds * rate - overlap) / grid) * grid)

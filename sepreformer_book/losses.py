@@ -6,7 +6,8 @@ __all__ = ['EPS', 'IntLike', 'STFT_RESOLUTIONS', 'SI_SDR_CAP_DB', 'si_sdr', 'si_
            'batch_composite_loss', 'loss_fn']
 
 # %% ../chapters/07_losses.ipynb #88e689f9
-"""Training losses: SI-SDR, multi-resolution STFT loss and a silence-robust composite loss (generated from chapters/07_losses.ipynb)."""
+"""Training losses: SI-SDR, multi-resolution STFT loss and a silence-robust composite loss
+(generated from chapters/07_losses.ipynb)."""
 
 import functools
 import operator
@@ -36,7 +37,8 @@ def si_sdr(
     cap: float | None = None,
     eps: float = EPS,
 ) -> Float[Array, "*batch"]:
-    """Scale-invariant SDR of `estimate` against `target` in dB (Le Roux et al. 2019), over the last axis.
+    """Scale-invariant SDR of `estimate` against `target` in dB (Le Roux et al. 2019), over the last
+    axis.
 
     zero_mean: remove each signal's mean first (as the paper and SepReformer do).
     cap: clip the result at this many dB (30.0 for training, as SepReformer); None for the metric.
@@ -63,43 +65,58 @@ def si_sdri(
     cap: float | None = None,
     eps: float = EPS,
 ) -> Float[Array, "*batch"]:
-    """SI-SDR improvement in dB: SI-SDR of `estimate` minus SI-SDR of the unprocessed `mixture`, both against `target`."""
+    """SI-SDR improvement in dB: SI-SDR of `estimate` minus SI-SDR of the unprocessed `mixture`,
+    both against `target`."""
     with jax.named_scope("si_sdri"):
         kwargs = dict(zero_mean=zero_mean, cap=cap, eps=eps)
         mixture = jnp.broadcast_to(mixture, target.shape)
         return si_sdr(estimate, target, **kwargs) - si_sdr(mixture, target, **kwargs)
 
 # %% ../chapters/07_losses.ipynb #90c10065
-IntLike = int | np.integer  # sizes may arrive as numpy ints (e.g. from grain); they must never be traced
+IntLike = (
+    int | np.integer
+)  # sizes may arrive as numpy ints (e.g. from grain); they must never be traced
 
-STFT_RESOLUTIONS: tuple[tuple[int, int, int], ...] = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))
+STFT_RESOLUTIONS: tuple[tuple[int, int, int], ...] = (
+    (512, 128, 512),
+    (1024, 256, 1024),
+    (2048, 512, 2048),
+)
 """(fft_size, hop, win_size) of the three STFTs in `mr_stft_loss`, as in the original tutorial."""
 
 
 def positive_int(value, name: str, minimum: int = 1) -> int:
-    """A Python int from an int-like (numpy ints included), at least `minimum`: a clear error naming the argument for
-    a traced, fractional or too small value. Sizes that shape arrays must be static."""
+    """A Python int from an int-like (numpy ints included), at least `minimum`: a clear error naming
+    the argument for a traced, fractional or too small value. Sizes that shape arrays must be
+    static."""
     try:
         value = operator.index(value)
     except TypeError:
         raise TypeError(
-            f"{name} must be a static Python int (it sets array shapes), got {type(value).__name__}; "
-            "do not pass it through jit as a traced argument"
+            f"{name} must be a static Python int (it sets array shapes), got "
+            f"{type(value).__name__}; do not pass it through jit as a traced argument"
         ) from None
     if value < minimum:
-        raise ValueError(f"{name} must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value}")
+        raise ValueError(
+            f"{name} must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value}"
+        )
     return value
 
 
 def periodic_hann(size: IntLike) -> Float[Array, "size"]:
-    """The periodic Hann window of `size` samples (scipy.signal.get_window("hann", size)); jnp.hanning is symmetric."""
+    """The periodic Hann window of `size` samples (scipy.signal.get_window("hann", size));
+    jnp.hanning is symmetric."""
     size = positive_int(size, "size")
     return 0.5 - 0.5 * jnp.cos(2.0 * jnp.pi * jnp.arange(size) / size)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _stft_power_compiled(x: Float[Array, "T"], fft_size: int, hop: int, win_size: int) -> Float[Array, "F K"]:
-    left = (fft_size - win_size) // 2  # a shorter window sits in the middle of the frame, as in librosa
+def _stft_power_compiled(
+    x: Float[Array, "T"], fft_size: int, hop: int, win_size: int
+) -> Float[Array, "F K"]:
+    left = (
+        fft_size - win_size
+    ) // 2  # a shorter window sits in the middle of the frame, as in librosa
     window = jnp.pad(periodic_hann(win_size), (left, fft_size - win_size - left))
     padded = jnp.pad(x, (fft_size // 2, fft_size // 2), mode="reflect")
     num_frames = 1 + (padded.shape[0] - fft_size) // hop
@@ -108,25 +125,36 @@ def _stft_power_compiled(x: Float[Array, "T"], fft_size: int, hop: int, win_size
     return (jnp.square(spectrum.real) + jnp.square(spectrum.imag)).T
 
 
-def _stft_power(x: Float[Array, "T"], fft_size: IntLike, hop: IntLike, win_size: IntLike) -> Float[Array, "F K"]:
-    """|STFT|^2 with centred reflect padding and a periodic Hann window (no square root: differentiable at 0).
+def _stft_power(
+    x: Float[Array, "T"], fft_size: IntLike, hop: IntLike, win_size: IntLike
+) -> Float[Array, "F K"]:
+    """|STFT|^2 with centred reflect padding and a periodic Hann window (no square root:
+    differentiable at 0).
 
-    Checks the sizes, then runs one compiled kernel per (shape, sizes): cheap even when called eagerly.
+    Checks the sizes, then runs one compiled kernel per (shape, sizes): cheap even when called
+    eagerly.
     """
-    fft_size, hop, win_size = (positive_int(v, n) for v, n in ((fft_size, "fft_size"), (hop, "hop"), (win_size, "win_size")))
+    fft_size, hop, win_size = (
+        positive_int(v, n)
+        for v, n in ((fft_size, "fft_size"), (hop, "hop"), (win_size, "win_size"))
+    )
     if win_size > fft_size:
         raise ValueError(f"win_size ({win_size}) must not exceed fft_size ({fft_size})")
     if x.shape[-1] <= fft_size // 2:
         raise ValueError(
-            f"the signal has {x.shape[-1]} samples, but centred reflect padding with fft_size={fft_size} needs more "
-            f"than {fft_size // 2}; use longer segments or smaller resolutions"
+            f"the signal has {x.shape[-1]} samples, but centred reflect padding with "
+            f"fft_size={fft_size} needs more than {fft_size // 2}; use longer segments or smaller "
+            "resolutions"
         )
     return _stft_power_compiled(x, fft_size, hop, win_size)
 
 
 @jaxtyped(typechecker=beartype)
-def stft_mag(x: Float[Array, "T"], fft_size: IntLike, hop: IntLike, win_size: IntLike) -> Float[Array, "F K"]:
-    """|STFT| of `x`: frequency bins (fft_size // 2 + 1) by frames, centred reflect padding, periodic Hann window.
+def stft_mag(
+    x: Float[Array, "T"], fft_size: IntLike, hop: IntLike, win_size: IntLike
+) -> Float[Array, "F K"]:
+    """|STFT| of `x`: frequency bins (fft_size // 2 + 1) by frames, centred reflect padding,
+    periodic Hann window.
 
     Matches librosa.stft(x, n_fft=fft_size, hop_length=hop, win_length=win_size, window="hann",
     center=True, pad_mode="reflect"). The sizes must be Python ints: they set array shapes.
@@ -142,9 +170,16 @@ def _safe_norm(x: Float[Array, "..."], eps: float) -> Float[Array, ""]:
 
 @jaxtyped(typechecker=beartype)
 def stft_loss_single(
-    est: Float[Array, "T"], tgt: Float[Array, "T"], fft_size: IntLike, hop: IntLike, win: IntLike, *, eps: float = EPS
+    est: Float[Array, "T"],
+    tgt: Float[Array, "T"],
+    fft_size: IntLike,
+    hop: IntLike,
+    win: IntLike,
+    *,
+    eps: float = EPS,
 ) -> Float[Array, ""]:
-    """Spectral convergence + mean |log-magnitude difference| at one STFT resolution, with the power floored at eps."""
+    """Spectral convergence + mean |log-magnitude difference| at one STFT resolution, with the power
+    floored at eps."""
     with jax.named_scope("stft_loss_single"):
         est_mag = jnp.sqrt(_stft_power(est, fft_size, hop, win) + eps)
         tgt_mag = jnp.sqrt(_stft_power(tgt, fft_size, hop, win) + eps)
@@ -161,12 +196,17 @@ def mr_stft_loss(
     *,
     eps: float = EPS,
 ) -> Float[Array, ""]:
-    """`stft_loss_single` averaged over `resolutions` ((fft_size, hop, win_size) triples of Python ints)."""
+    """`stft_loss_single` averaged over `resolutions` ((fft_size, hop, win_size) triples of Python
+    ints)."""
     with jax.named_scope("mr_stft_loss"):
-        return sum(stft_loss_single(est, tgt, *resolution, eps=eps) for resolution in resolutions) / len(resolutions)
+        return sum(
+            stft_loss_single(est, tgt, *resolution, eps=eps) for resolution in resolutions
+        ) / len(resolutions)
 
 # %% ../chapters/07_losses.ipynb #720957eb
-def _seed_si_sdr(estimate: Float[Array, "T"], target: Float[Array, "T"], eps: float = 1e-8) -> Float[Array, ""]:
+def _seed_si_sdr(
+    estimate: Float[Array, "T"], target: Float[Array, "T"], eps: float = 1e-8
+) -> Float[Array, ""]:
     estimate = estimate - jnp.mean(estimate)
     target = target - jnp.mean(target)
     s_target = (jnp.sum(estimate * target) / (jnp.sum(target**2) + eps)) * target
@@ -174,7 +214,9 @@ def _seed_si_sdr(estimate: Float[Array, "T"], target: Float[Array, "T"], eps: fl
     return 10.0 * jnp.log10(jnp.sum(s_target**2) / (jnp.sum(e_noise**2) + eps) + eps)
 
 
-def _seed_stft_loss_single(est: Float[Array, "T"], tgt: Float[Array, "T"], fft_size: int, hop: int, win: int) -> Float[Array, ""]:
+def _seed_stft_loss_single(
+    est: Float[Array, "T"], tgt: Float[Array, "T"], fft_size: int, hop: int, win: int
+) -> Float[Array, ""]:
     em = jnp.sqrt(_stft_power(est, fft_size, hop, win))
     tm = jnp.sqrt(_stft_power(tgt, fft_size, hop, win))
     sc = jnp.linalg.norm(tm - em) / (jnp.linalg.norm(tm) + 1e-8)
@@ -183,20 +225,28 @@ def _seed_stft_loss_single(est: Float[Array, "T"], tgt: Float[Array, "T"], fft_s
 
 
 @jaxtyped(typechecker=beartype)
-def seed_composite_loss(estimates: Float[Array, "N T"], targets: Float[Array, "N T"]) -> Float[Array, ""]:
-    """The original tutorial's loss, for reference: mean over stems of -SI-SDR + 0.5 MR-STFT, no masks, no safety.
+def seed_composite_loss(
+    estimates: Float[Array, "N T"], targets: Float[Array, "N T"]
+) -> Float[Array, ""]:
+    """The original tutorial's loss, for reference: mean over stems of -SI-SDR + 0.5 MR-STFT, no
+    masks, no safety.
 
-    A silent target gives about +80 dB and a spectral term of about 1e10 for its stem. Compare with `composite_loss`.
+    A silent target gives about +80 dB and a spectral term of about 1e10 for its stem. Compare with
+    `composite_loss`.
     """
 
     def pair(est, tgt):
-        stft = sum(_seed_stft_loss_single(est, tgt, *r) for r in STFT_RESOLUTIONS) / len(STFT_RESOLUTIONS)
+        stft = sum(_seed_stft_loss_single(est, tgt, *r) for r in STFT_RESOLUTIONS) / len(
+            STFT_RESOLUTIONS
+        )
         return -_seed_si_sdr(est, tgt) + 0.5 * stft
 
     return jnp.mean(jax.vmap(pair)(estimates, targets))
 
 # %% ../chapters/07_losses.ipynb #4d16f29d
-SI_SDR_CAP_DB = 30.0  # SI-SDR above this earns nothing in training (SepReformer); also sets the silence floor
+SI_SDR_CAP_DB = (
+    30.0  # SI-SDR above this earns nothing in training (SepReformer); also sets the silence floor
+)
 
 
 @jaxtyped(typechecker=beartype)
@@ -207,9 +257,11 @@ def silence_penalty(
     floor_db: float = -SI_SDR_CAP_DB,
     eps: float = EPS,
 ) -> Float[Array, "*batch"]:
-    """10 log10(||estimate||^2 / ||mixture||^2 + 10^(floor_db/10)) in dB: the loss of a stem whose target is silent.
+    """10 log10(||estimate||^2 / ||mixture||^2 + 10^(floor_db/10)) in dB: the loss of a stem whose
+    target is silent.
 
-    Bounded below by floor_db; a smooth, finite-gradient push of the estimate's energy down relative to the mixture.
+    Bounded below by floor_db; a smooth, finite-gradient push of the estimate's energy down relative
+    to the mixture.
     """
     with jax.named_scope("silence_penalty"):
         relative = _energy(estimate)[..., 0] / (_energy(mixture)[..., 0] + eps)
@@ -227,10 +279,12 @@ def composite_loss(
     cap_db: float = SI_SDR_CAP_DB,
     resolutions: tuple[tuple[IntLike, IntLike, IntLike], ...] = STFT_RESOLUTIONS,
 ) -> Float[Array, ""]:
-    """Mean over present stems of: -SI-SDR (capped) + stft_weight * MR-STFT if active, else `silence_penalty`.
+    """Mean over present stems of: -SI-SDR (capped) + stft_weight * MR-STFT if active, else
+    `silence_penalty`.
 
-    active: the stem sings in this segment; present: the song has this part (default: all). Absent stems count for
-    nothing. The mixture for the silence penalty is targets.sum(0), i.e. the sum of the present stems.
+    active: the stem sings in this segment; present: the song has this part (default: all). Absent
+    stems count for nothing. The mixture for the silence penalty is targets.sum(0), i.e. the sum of
+    the present stems.
     """
     with jax.named_scope("composite_loss"):
         present = jnp.ones_like(active) if present is None else present
@@ -270,6 +324,7 @@ def loss_fn(
     active: Bool[Array, "B N"],
     present: Bool[Array, "B N"] | None = None,
 ) -> Float[Array, ""]:
-    """Batch mean of `composite_loss` for `model` (unbatched: (T,) -> (N, T)); returns (loss, gradient wrt model)."""
+    """Batch mean of `composite_loss` for `model` (unbatched: (T,) -> (N, T)); returns (loss,
+    gradient wrt model)."""
     with jax.named_scope("loss_fn"):
         return batch_composite_loss(jax.vmap(model)(mixture), targets, active, present)

@@ -4,7 +4,8 @@
 __all__ = ['PRESETS', 'SplitLayer', 'ModelConfig', 'model_config_for', 'SepReformer', 'parameter_count', 'forward_flops']
 
 # %% ../chapters/06_model.ipynb #88cc4e19
-"""The GLU split layer, model configurations and the full SepReformer (generated from chapters/06_model.ipynb)."""
+"""The GLU split layer, model configurations and the full SepReformer (generated from
+chapters/06_model.ipynb)."""
 
 import math
 from dataclasses import dataclass, fields
@@ -48,7 +49,9 @@ class SplitLayer(eqx.Module):
 class ModelConfig:
     """Sizes of a SepReformer: front end, transformer width, chunking, depth and number of stems."""
 
-    sample_rate: int = 8000  # Hz of the audio the model is trained on (the model itself is rate-agnostic)
+    sample_rate: int = (
+        8000  # Hz of the audio the model is trained on (the model itself is rate-agnostic)
+    )
     kernel_size: int = 16  # encoder/decoder filter length K (samples)
     stride: int = 8  # hop S between frames (samples)
     dim: int = 64  # channels C of every frame
@@ -62,26 +65,43 @@ class ModelConfig:
     def __post_init__(self):
         for field in fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if "blocks" in field.name else 1):
-                raise ValueError(f"ModelConfig.{field.name} must be a {'non-negative' if 'blocks' in field.name else 'positive'} "
-                                 f"int, got {value!r}.")
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < (0 if "blocks" in field.name else 1)
+            ):
+                raise ValueError(
+                    f"ModelConfig.{field.name} must be a "
+                    f"{'non-negative' if 'blocks' in field.name else 'positive'} int, got "
+                    f"{value!r}."
+                )
         if self.stride > self.kernel_size:
-            raise ValueError(f"ModelConfig: stride={self.stride} > kernel_size={self.kernel_size} would skip samples.")
+            raise ValueError(
+                f"ModelConfig: stride={self.stride} > kernel_size={self.kernel_size} would skip "
+                "samples."
+            )
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-            raise ValueError(f"ModelConfig: dim={self.dim} must split into num_heads={self.num_heads} heads of even size.")
+            raise ValueError(
+                f"ModelConfig: dim={self.dim} must split into num_heads={self.num_heads} heads of "
+                "even size."
+            )
 
 
 def model_config_for(profile: Profile | str | None = None) -> ModelConfig:
-    """The model of a profile (a Profile, its name, or None for the active profile): its sizes, at its sample rate."""
+    """The model of a profile (a Profile, its name, or None for the active profile): its sizes, at
+    its sample rate."""
     profile = active_profile(profile)
     return ModelConfig(sample_rate=profile.sample_rate, **profile.model)
 
 
-PRESETS: dict[str, ModelConfig] = {name: model_config_for(profile) for name, profile in PROFILES.items()}
+PRESETS: dict[str, ModelConfig] = {
+    name: model_config_for(profile) for name, profile in PROFILES.items()
+}
 
 # %% ../chapters/06_model.ipynb #3a62a3c3
 class SepReformer(eqx.Module):
-    """Waveform (T,) -> N stem waveforms (N, T): encoder, dual-path blocks, split, shared per-stem blocks, decoder."""
+    """Waveform (T,) -> N stem waveforms (N, T): encoder, dual-path blocks, split, shared per-stem
+    blocks, decoder."""
 
     encoder: Encoder
     sep_blocks: list[DualPathBlock]
@@ -93,15 +113,20 @@ class SepReformer(eqx.Module):
     def __init__(self, config: ModelConfig | None = None, *, key: PRNGKeyArray, dtype=None):
         config = model_config_for() if config is None else config
         if not isinstance(config, ModelConfig):
-            raise TypeError(f"SepReformer(config=...) wants a ModelConfig (e.g. PRESETS['book']), got {type(config).__name__}.")
+            raise TypeError(
+                "SepReformer(config=...) wants a ModelConfig (e.g. PRESETS['book']), got "
+                f"{type(config).__name__}."
+            )
         c = config
         keys = jax.random.split(key, 3 + c.num_sep_blocks + c.num_rec_blocks)
         self.encoder = Encoder(c.dim, c.kernel_size, c.stride, key=keys[0], dtype=dtype)
         self.decoder = Decoder(c.dim, c.kernel_size, c.stride, key=keys[1], dtype=dtype)
         self.split = SplitLayer(c.dim, c.num_stems, key=keys[2], dtype=dtype)
-        block = lambda k: DualPathBlock(c.dim, c.num_heads, c.ff_dim, c.chunk_size, key=k, dtype=dtype)
-        self.sep_blocks = [block(k) for k in keys[3:3 + c.num_sep_blocks]]
-        self.rec_blocks = [block(k) for k in keys[3 + c.num_sep_blocks:]]
+        block = lambda k: DualPathBlock(
+            c.dim, c.num_heads, c.ff_dim, c.chunk_size, key=k, dtype=dtype
+        )
+        self.sep_blocks = [block(k) for k in keys[3 : 3 + c.num_sep_blocks]]
+        self.rec_blocks = [block(k) for k in keys[3 + c.num_sep_blocks :]]
         self.config = config
 
     @jaxtyped(typechecker=beartype)
@@ -121,15 +146,22 @@ class SepReformer(eqx.Module):
 
 
 def parameter_count(model: eqx.Module) -> int:
-    """Number of scalar parameters (inexact array leaves) in a model or in its eqx.filter_eval_shape skeleton."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(model)
-               if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and jnp.issubdtype(leaf.dtype, jnp.inexact))
+    """Number of scalar parameters (inexact array leaves) in a model or in its eqx.filter_eval_shape
+    skeleton."""
+    return sum(
+        math.prod(leaf.shape)
+        for leaf in jax.tree_util.tree_leaves(model)
+        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
+        and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    )
 
 
 def forward_flops(config: ModelConfig, num_samples: int) -> float:
-    """FLOPs of one forward pass on `num_samples` samples, from XLA's cost analysis of the lowered program (nothing runs)."""
+    """FLOPs of one forward pass on `num_samples` samples, from XLA's cost analysis of the lowered
+    program (nothing runs)."""
     abstract = eqx.filter_eval_shape(SepReformer, config, key=jax.random.key(0))
     params, static = eqx.partition(abstract, lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct))
     lowered = jax.jit(lambda p, x: eqx.combine(p, static)(x)).lower(
-        params, jax.ShapeDtypeStruct((int(num_samples),), jnp.float32))
+        params, jax.ShapeDtypeStruct((int(num_samples),), jnp.float32)
+    )
     return float(lowered.cost_analysis()["flops"])

@@ -4,7 +4,8 @@
 __all__ = ['say', 'song_name', 'separate_file', 'main']
 
 # %% ../chapters/13_separate.ipynb #5b031dbf
-"""Separate audio files into voice parts from the command line (generated from chapters/13_separate.ipynb)."""
+"""Separate audio files into voice parts from the command line (generated from
+chapters/13_separate.ipynb)."""
 
 import argparse
 import os
@@ -23,24 +24,36 @@ from .inference import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_gr
 
 # %% ../chapters/13_separate.ipynb #40257f6d
 def say(message: str) -> None:
-    """Tell the user what the tool does to their audio (stderr, so that stdout stays for results)."""
+    """Tell the user what the tool does to their audio (stderr, so that stdout stays for
+    results)."""
     print(f"sepreformer-separate: {message}", file=sys.stderr)
 
 # %% ../chapters/13_separate.ipynb #bb2d6d3d
 def song_name(path: str | os.PathLike) -> str:
-    """The output folder name of a song file: its stem, or its folder's name for jaCappella's `<song>/mixture.wav`."""
+    """The output folder name of a song file: its stem, or its folder's name for jaCappella's
+    `<song>/mixture.wav`."""
     path = Path(path)
     return path.parent.name if path.stem == "mixture" and path.parent.name else path.stem
 
 
-def separate_file(model, song: str | os.PathLike, out_dir: str | os.PathLike, *, sample_rate: int,
-                  stems: tuple[str, ...], window_seconds: float = WINDOW_SECONDS,
-                  overlap_seconds: float = OVERLAP_SECONDS, batch_windows: int = BATCH_WINDOWS,
-                  output_rate: int | None = None, keep_model_gains: bool = False, overwrite: bool = False,
-                  progress: bool = False) -> dict[str, Path]:
-    """Separate `song` with `model` and write `<out_dir>/<song name>/<part>.wav` and `residual.wav` (float WAV at
-    `output_rate`, default the model's `sample_rate`); parts rescaled by `mixture_consistent` unless
-    `keep_model_gains`. Returns {part or 'residual': path}."""
+def separate_file(
+    model,
+    song: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    sample_rate: int,
+    stems: tuple[str, ...],
+    window_seconds: float = WINDOW_SECONDS,
+    overlap_seconds: float = OVERLAP_SECONDS,
+    batch_windows: int = BATCH_WINDOWS,
+    output_rate: int | None = None,
+    keep_model_gains: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Path]:
+    """Separate `song` with `model` and write `<out_dir>/<song name>/<part>.wav` and `residual.wav`
+    (float WAV at `output_rate`, default the model's `sample_rate`); parts rescaled by
+    `mixture_consistent` unless `keep_model_gains`. Returns {part or 'residual': path}."""
     import soxr
 
     song = Path(song).expanduser()
@@ -48,23 +61,42 @@ def separate_file(model, song: str | os.PathLike, out_dir: str | os.PathLike, *,
     names = (*stems, "residual")
     existing = [f"{name}.wav" for name in names if (target / f"{name}.wav").exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{target} already holds {', '.join(existing)} from an earlier run. Pass --overwrite "
-                              f"(overwrite=True) to replace them, or choose another --out.")
+        raise FileExistsError(
+            f"{target} already holds {', '.join(existing)} from an earlier run. Pass --overwrite "
+            f"(overwrite=True) to replace them, or choose another --out."
+        )
     mixture = read_wav(song, sample_rate, say=say)
     window, overlap = window_sizes(window_seconds, overlap_seconds, sample_rate, frame_grid(model))
-    estimates = separate_long(model, mixture, window_samples=window, overlap_samples=overlap,
-                              batch_windows=batch_windows, progress=progress)
+    estimates = separate_long(
+        model,
+        mixture,
+        window_samples=window,
+        overlap_samples=overlap,
+        batch_windows=batch_windows,
+        progress=progress,
+    )
     if estimates.shape[0] != len(stems):
-        raise ValueError(f"The model returned {estimates.shape[0]} parts but the checkpoint names {len(stems)}: {stems}.")
+        raise ValueError(
+            f"The model returned {estimates.shape[0]} parts but the checkpoint names {len(stems)}: "
+            f"{stems}."
+        )
     if not keep_model_gains:
         estimates, gains = mixture_consistent(estimates, mixture)
-        say(f"{song.name}: part gains that make the parts add up to the mixture: "
-            + ", ".join(f"{name} {gain:+.2f}" for name, gain in zip(stems, gains)))
+        say(
+            f"{song.name}: part gains that make the parts add up to the mixture: "
+            + ", ".join(f"{name} {gain:+.2f}" for name, gain in zip(stems, gains))
+        )
     tracks = dict(zip(names, [*estimates, mixture - estimates.sum(axis=0)]))
     rate = sample_rate
     if output_rate is not None and output_rate != sample_rate:
-        say(f"{song.name}: parts resampled from {sample_rate} Hz to {output_rate} Hz as asked (--output-rate).")
-        tracks = {name: soxr.resample(audio, sample_rate, output_rate, quality="HQ") for name, audio in tracks.items()}
+        say(
+            f"{song.name}: parts resampled from {sample_rate} Hz to {output_rate} Hz as asked "
+            "(--output-rate)."
+        )
+        tracks = {
+            name: soxr.resample(audio, sample_rate, output_rate, quality="HQ")
+            for name, audio in tracks.items()
+        }
         rate = output_rate
     target.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -75,22 +107,42 @@ def separate_file(model, song: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 # %% ../chapters/13_separate.ipynb #9fe6929a
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sepreformer_book.separate SONG.wav [SONG2 ...] [--checkpoint C] --out DIR [--output-rate HZ]`."""
+    """`python -m sepreformer_book.separate SONG.wav [SONG2 ...] [--checkpoint C] --out DIR
+    [--output-rate HZ]`."""
     parser = argparse.ArgumentParser(
         prog="python -m sepreformer_book.separate",
-        description="Separate a cappella songs into voice parts: writes DIR/<song>/<part>.wav and residual.wav "
-                    "(32-bit float WAV at the model's sample rate unless --output-rate is given).")
-    parser.add_argument("songs", nargs="+", type=Path, help="audio files (any sample rate, channels and length)")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint or run directory "
-                                                                      "(default: the book's committed checkpoint)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory; each song gets a folder in it")
-    parser.add_argument("--output-rate", type=int, default=None, help="resample the parts to this rate (Hz)")
+        description=(
+            "Separate a cappella songs into voice parts: writes DIR/<song>/<part>.wav and "
+            "residual.wav (32-bit float WAV at the model's sample rate unless --output-rate is "
+            "given)."
+        ),
+    )
+    parser.add_argument(
+        "songs", nargs="+", type=Path, help="audio files (any sample rate, channels and length)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint or run directory (default: the book's committed checkpoint)",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output directory; each song gets a folder in it"
+    )
+    parser.add_argument(
+        "--output-rate", type=int, default=None, help="resample the parts to this rate (Hz)"
+    )
     parser.add_argument("--window-seconds", type=float, default=WINDOW_SECONDS)
     parser.add_argument("--overlap-seconds", type=float, default=OVERLAP_SECONDS)
     parser.add_argument("--batch-windows", type=int, default=BATCH_WINDOWS)
-    parser.add_argument("--keep-model-gains", action="store_true",
-                        help="write the model's raw output (default: rescale the parts to add up to the mixture)")
-    parser.add_argument("--overwrite", action="store_true", help="replace results of an earlier run")
+    parser.add_argument(
+        "--keep-model-gains",
+        action="store_true",
+        help="write the model's raw output (default: rescale the parts to add up to the mixture)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace results of an earlier run"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.output_rate is not None and args.output_rate < 1:
@@ -98,11 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, meta = load_model(args.checkpoint)
         for song in args.songs:
-            paths = separate_file(model, song, args.out, sample_rate=model.config.sample_rate, stems=tuple(meta["stems"]),
-                                  window_seconds=args.window_seconds, overlap_seconds=args.overlap_seconds,
-                                  batch_windows=args.batch_windows, output_rate=args.output_rate,
-                                  keep_model_gains=args.keep_model_gains, overwrite=args.overwrite,
-                                  progress=not args.no_progress)
+            paths = separate_file(
+                model,
+                song,
+                args.out,
+                sample_rate=model.config.sample_rate,
+                stems=tuple(meta["stems"]),
+                window_seconds=args.window_seconds,
+                overlap_seconds=args.overlap_seconds,
+                batch_windows=args.batch_windows,
+                output_rate=args.output_rate,
+                keep_model_gains=args.keep_model_gains,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
             print(f"{song}: wrote {len(paths)} files to {paths['residual'].parent}")
     except (*user_errors(), FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)

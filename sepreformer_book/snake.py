@@ -4,7 +4,8 @@
 __all__ = ['SMALL_ALPHA', 'reduced_sin_cos', 'snake', 'Snake']
 
 # %% ../chapters/04_snake.ipynb #cc6a27e8
-"""The Snake activation with a numerically safe per-channel frequency (generated from chapters/04_snake.ipynb)."""
+"""The Snake activation with a numerically safe per-channel frequency (generated from
+chapters/04_snake.ipynb)."""
 
 import math
 
@@ -15,11 +16,18 @@ from beartype import beartype
 from jaxtyping import Array, Float, PRNGKeyArray, jaxtyped
 
 # %% ../chapters/04_snake.ipynb #976481ac
-_PI_HIGH = 3.140625  # pi = _PI_HIGH + _PI_LOW; 8 significant bits, so n * _PI_HIGH is exact in float32 for |n| < 2**16
+# pi = _PI_HIGH + _PI_LOW; 8 significant bits, so n * _PI_HIGH is exact in float32 for |n| < 2**16
+_PI_HIGH = 3.140625
 _PI_LOW = math.pi - _PI_HIGH
-_SIN_TERMS = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(1, 6))  # coefficients of r^3, r^5, ..., r^11
-_COS_TERMS = tuple((-1) ** k / math.factorial(2 * k) for k in range(1, 7))  # coefficients of r^2, r^4, ..., r^12
-SMALL_ALPHA = 1e-6  # channels with |alpha| below this use the series alpha x^2 instead of a division
+_SIN_TERMS = tuple(
+    (-1) ** k / math.factorial(2 * k + 1) for k in range(1, 6)
+)  # coefficients of r^3, r^5, ..., r^11
+_COS_TERMS = tuple(
+    (-1) ** k / math.factorial(2 * k) for k in range(1, 7)
+)  # coefficients of r^2, r^4, ..., r^12
+SMALL_ALPHA = (
+    1e-6  # channels with |alpha| below this use the series alpha x^2 instead of a division
+)
 
 
 def _horner(coefficients: tuple[float, ...], r2: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
@@ -30,9 +38,11 @@ def _horner(coefficients: tuple[float, ...], r2: Float[Array, "*shape"]) -> Floa
     return total
 
 
-def reduced_sin_cos(z: Float[Array, "*shape"]) -> tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
-    """sin r and cos r for r = z - n pi, n = round(z / pi): sin z and cos z to float32 accuracy up to the sign (-1)^n,
-    which sin^2 z and sin z cos z do not see.
+def reduced_sin_cos(
+    z: Float[Array, "*shape"],
+) -> tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
+    """sin r and cos r for r = z - n pi, n = round(z / pi): sin z and cos z to float32 accuracy up
+    to the sign (-1)^n, which sin^2 z and sin z cos z do not see.
 
     Multiply-adds only: XLA's CPU sin is a per-element library call, these polynomials vectorise.
     """
@@ -43,16 +53,20 @@ def reduced_sin_cos(z: Float[Array, "*shape"]) -> tuple[Float[Array, "*shape"], 
 
 
 def _snake_parts(x, alpha):
-    """The per-channel branch, the safe reciprocal, sin r, cos r and the ripple sin^2(alpha x) / alpha."""
+    """The per-channel branch, the safe reciprocal, sin r, cos r and the ripple sin^2(alpha x) /
+    alpha."""
     small = jnp.abs(alpha) < SMALL_ALPHA
-    inv_alpha = 1.0 / jnp.where(small, jnp.ones_like(alpha), alpha)  # per channel; never a tiny divisor
+    inv_alpha = 1.0 / jnp.where(
+        small, jnp.ones_like(alpha), alpha
+    )  # per channel; never a tiny divisor
     sin_r, cos_r = reduced_sin_cos(alpha * x)
     ripple = jnp.where(small, alpha * jnp.square(x), jnp.square(sin_r) * inv_alpha)
     return small, inv_alpha, sin_r, cos_r, ripple
 
 
 def snake(x: Float[Array, "*shape"], alpha: Float[Array, "*#shape"]) -> Float[Array, "*shape"]:
-    """x + sin^2(alpha x) / alpha for every alpha (0 and negative included), with hand-written derivatives."""
+    """x + sin^2(alpha x) / alpha for every alpha (0 and negative included), with hand-written
+    derivatives."""
     return _snake(x, alpha)
 
 
@@ -76,12 +90,18 @@ class Snake(eqx.Module):
 
     alpha: Float[Array, " F"]
 
-    def __init__(self, features: int, *, key: PRNGKeyArray | None = None, init_alpha: float = 1.0, dtype=None):
-        del key  # deterministic initialisation; the argument keeps the original tutorial's signature
+    def __init__(
+        self, features: int, *, key: PRNGKeyArray | None = None, init_alpha: float = 1.0, dtype=None
+    ):
+        del (
+            key
+        )  # deterministic initialisation; the argument keeps the original tutorial's signature
         dtype = jnp.float32 if dtype is None else dtype
         self.alpha = jnp.full((int(features),), init_alpha, dtype=dtype)
 
     @jaxtyped(typechecker=beartype)
-    def __call__(self, x: Float[Array, "*batch F"], *, key: PRNGKeyArray | None = None) -> Float[Array, "*batch F"]:
+    def __call__(
+        self, x: Float[Array, "*batch F"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch F"]:
         with jax.named_scope("snake"):
             return snake(x, self.alpha)

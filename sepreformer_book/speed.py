@@ -24,9 +24,11 @@ def results_dir(start: str | os.PathLike | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "benchmarks" / "results").is_dir():
             return folder / "benchmarks" / "results"
-    raise FileNotFoundError(f"No benchmarks/results folder in {here} or above it: run from a "
-                            f"clone of the book's repository, or set ${BENCHMARKS_ENV} to the "
-                            "folder that holds the saved results.")
+    raise FileNotFoundError(
+        f"No benchmarks/results folder in {here} or above it: run from a "
+        f"clone of the book's repository, or set ${BENCHMARKS_ENV} to the "
+        "folder that holds the saved results."
+    )
 
 
 def load_benchmark(name: str, results: str | os.PathLike | None = None) -> dict:
@@ -35,6 +37,8 @@ def load_benchmark(name: str, results: str | os.PathLike | None = None) -> dict:
     path = Path(results) if results is not None else results_dir()
     path = path / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `python benchmarks/bench_{name}.py "
-                                f"--save {path}` (see `make bench`) to measure it on this machine.")
+        raise FileNotFoundError(
+            f"{path} does not exist: run `python benchmarks/bench_{name}.py "
+            f"--save {path}` (see `make bench`) to measure it on this machine."
+        )
     return json.loads(path.read_text())

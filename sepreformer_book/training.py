@@ -8,8 +8,8 @@ __all__ = ['PARALLEL_CHECK', 'DISTRIBUTED_ENV', 'LOG_DIGITS', 'RunConfig', 'run_
            'start_local_processes', 'publish_run']
 
 # %% ../chapters/10_training.ipynb #d9ce104a
-"""Training on a corpus: validation, bit-for-bit resume, data parallelism and the training command (generated from
-chapters/10_training.ipynb)."""
+"""Training on a corpus: validation, bit-for-bit resume, data parallelism and the training command
+(generated from chapters/10_training.ipynb)."""
 import argparse
 import hashlib
 import json
@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import equinox as eqx
@@ -27,12 +27,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, PyTree
 
-from .checkpoints import (CheckpointError, checkpoint_root, complete_steps, differences, read_meta,
-                                          restore_checkpoint, save_checkpoint)
+from .checkpoints import (CheckpointError, checkpoint_root, complete_steps,
+                                          differences, read_meta, restore_checkpoint,
+                                          save_checkpoint)
 from .choir import ensure_corpus, synthetic_corpus_root
-from .config import (JACAPPELLA_ENV, PROFILES, STEM_NAMES, CorpusError, Profile, active_profile,
-                                     atomic_write)
-from .data import JaCappellaDataset, read_segment, training_iterator
+from .config import (JACAPPELLA_ENV, PROFILES, STEM_NAMES, CorpusError, Profile,
+                                     active_profile, atomic_write)
+from .data import Augment, JaCappellaDataset, read_segment, training_iterator
 from .fit import History, OptimizerConfig, make_optimizer, train_loop
 from .losses import si_sdr
 from .model import ModelConfig, SepReformer, model_config_for
@@ -55,17 +56,24 @@ class RunConfig:
     valid_every: int = 250
     valid_segments: int = 32  # fixed validation segments (a multiple of the batch size is used)
     checkpoint_every: int = 250
+    augment: Augment | None = Augment()  # None: plain segments (validation never augments)
 
     def optimizer_config(self) -> OptimizerConfig:
-        return OptimizerConfig(learning_rate=self.learning_rate, weight_decay=self.weight_decay,
-                               warmup_steps=min(self.warmup_steps, self.steps // 2), decay_steps=self.steps)
+        return OptimizerConfig(
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            warmup_steps=min(self.warmup_steps, self.steps // 2),
+            decay_steps=self.steps,
+        )
 
 
 def run_config_for(profile: "str | Profile | None" = None, **overrides) -> RunConfig:
-    """The profile's default run (its `run` settings, batch size and segment length), with any field overridden
-    (None values are ignored)."""
+    """The profile's default run (its `run` settings, batch size and segment length), with any field
+    overridden (None values are ignored)."""
     p = active_profile(profile)
-    values = dict(profile=p.name, batch_size=p.batch_size, segment_seconds=p.segment_seconds, **p.run)
+    values = dict(
+        profile=p.name, batch_size=p.batch_size, segment_seconds=p.segment_seconds, **p.run
+    )
     names = {f.name for f in fields(RunConfig)}
     unknown = set(overrides) - names
     if unknown:
@@ -74,22 +82,31 @@ def run_config_for(profile: "str | Profile | None" = None, **overrides) -> RunCo
     return RunConfig(**values)
 
 # %% ../chapters/10_training.ipynb #aa42b831
-def validation_batches(dataset: JaCappellaDataset, segment_samples: int, batch_size: int,
-                       max_segments: int) -> list[dict[str, np.ndarray]]:
-    """Fixed validation batches: non-overlapping segments of every song, evenly picked up to `max_segments`, batched
-    by `batch_size` with zero-weight padding (key "weight") so that every batch has the same shape."""
-    items = [read_segment(dataset, ref, start, segment_samples)
-             for ref in dataset.refs for start in range(0, max(ref.length - segment_samples, 0) + 1, segment_samples)]
-    picked = np.unique(np.linspace(0, len(items) - 1, min(max_segments, len(items))).round().astype(int))
+def validation_batches(
+    dataset: JaCappellaDataset, segment_samples: int, batch_size: int, max_segments: int
+) -> list[dict[str, np.ndarray]]:
+    """Fixed validation batches: non-overlapping segments of every song, evenly picked up to
+    `max_segments`, batched by `batch_size` with zero-weight padding (key "weight") so that every
+    batch has the same shape."""
+    items = [
+        read_segment(dataset, ref, start, segment_samples)
+        for ref in dataset.refs
+        for start in range(0, max(ref.length - segment_samples, 0) + 1, segment_samples)
+    ]
+    picked = np.unique(
+        np.linspace(0, len(items) - 1, min(max_segments, len(items))).round().astype(int)
+    )
     items = [dict(items[i], weight=np.float32(1.0)) for i in picked]
     items += [dict(items[0], weight=np.float32(0.0))] * (-len(items) % batch_size)
-    return [{key: np.stack([item[key] for item in items[i:i + batch_size]]) for key in items[0]}
-            for i in range(0, len(items), batch_size)]
+    return [
+        {key: np.stack([item[key] for item in items[i : i + batch_size]]) for key in items[0]}
+        for i in range(0, len(items), batch_size)
+    ]
 
 
 def gather(tree: PyTree) -> PyTree:
-    """Global arrays (e.g. scores of a sharded batch) as NumPy arrays on every process: with one process a plain
-    fetch; with several, each process contributes its shards (an all-gather)."""
+    """Global arrays (e.g. scores of a sharded batch) as NumPy arrays on every process: with one
+    process a plain fetch; with several, each process contributes its shards (an all-gather)."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
@@ -98,25 +115,34 @@ def gather(tree: PyTree) -> PyTree:
 
 
 @eqx.filter_jit
-def validation_scores(model: eqx.Module, mixture: Float[Array, "B T"],
-                      stems: Float[Array, "B N T"]) -> tuple[Float[Array, "B N"], Float[Array, "B N"]]:
+def validation_scores(
+    model: eqx.Module, mixture: Float[Array, "B T"], stems: Float[Array, "B N T"]
+) -> tuple[Float[Array, "B N"], Float[Array, "B N"]]:
     """SI-SDR of the estimates and of the unprocessed mixture, against each true part."""
     estimates = jax.vmap(model)(mixture)
     return si_sdr(estimates, stems), si_sdr(jnp.broadcast_to(mixture[:, None], stems.shape), stems)
 
 
-def validate(model: eqx.Module, batches: list[dict[str, np.ndarray]],
-             stem_names: tuple[str, ...] = STEM_NAMES, place=None) -> dict:
-    """Per-part mean SI-SDR and SI-SDRi (dB) over the segments where the part is active, and their means over parts.
+def validate(
+    model: eqx.Module,
+    batches: list[dict[str, np.ndarray]],
+    stem_names: tuple[str, ...] = STEM_NAMES,
+    place=None,
+) -> dict:
+    """Per-part mean SI-SDR and SI-SDRi (dB) over the segments where the part is active, and their
+    means over parts.
 
-    A part active in no segment was not measured: its values are None, and the means are over the measured parts
-    (None when no part was). `place` puts a batch on the devices (e.g. `lambda b: shard_batch(local_rows(b), mesh)`:
-    every process holds the whole batch and places its share); the scores are gathered from every process."""
+    A part active in no segment was not measured: its values are None, and the means are over the
+    measured parts (None when no part was). `place` puts a batch on the devices (e.g. `lambda b:
+    shard_batch(local_rows(b), mesh)`: every process holds the whole batch and places its share);
+    the scores are gathered from every process."""
     place = place or jax.device_put
     totals = {"si_sdr": 0.0, "si_sdri": 0.0, "count": 0.0}
     for batch in batches:
         on_device = place({"mixture": batch["mixture"], "stems": batch["stems"]})
-        estimate, mixture = gather(validation_scores(model, on_device["mixture"], on_device["stems"]))
+        estimate, mixture = gather(
+            validation_scores(model, on_device["mixture"], on_device["stems"])
+        )
         weight = batch["active"] * batch["weight"][:, None]
         totals["si_sdr"] = totals["si_sdr"] + (estimate * weight).sum(axis=0)
         totals["si_sdri"] = totals["si_sdri"] + ((estimate - mixture) * weight).sum(axis=0)
@@ -124,8 +150,10 @@ def validate(model: eqx.Module, batches: list[dict[str, np.ndarray]],
     count = np.broadcast_to(totals["count"], (len(stem_names),))
     result = {}
     for key in ("si_sdr", "si_sdri"):
-        per_part = [float(total / n) if n > 0 else None
-                    for total, n in zip(np.broadcast_to(totals[key], count.shape), count)]
+        per_part = [
+            float(total / n) if n > 0 else None
+            for total, n in zip(np.broadcast_to(totals[key], count.shape), count)
+        ]
         result.update({f"{key}/{name}": value for name, value in zip(stem_names, per_part)})
         measured = [value for value in per_part if value is not None]
         result[f"mean_{key}"] = float(np.mean(measured)) if measured else None
@@ -140,36 +168,50 @@ def data_mesh(devices: list | None = None) -> Mesh:
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Put every array of `tree` (model, optimizer state) on all devices of the mesh."""
     sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding) if eqx.is_array(leaf) else leaf, tree)
+    return jax.tree.map(
+        lambda leaf: jax.device_put(leaf, sharding) if eqx.is_array(leaf) else leaf, tree
+    )
 
 
 def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's share of a batch that every process holds whole (the fixed validation batches): rows
-    `[i B/P, (i+1) B/P)` for process `i` of `P`, the rows `shard_batch` expects from it."""
+    """This process's share of a batch that every process holds whole (the fixed validation
+    batches): rows `[i B/P, (i+1) B/P)` for process `i` of `P`, the rows `shard_batch` expects from
+    it."""
     count, index = jax.process_count(), jax.process_index()
-    return {key: np.asarray(value)[index * len(value) // count:(index + 1) * len(value) // count]
-            for key, value in batch.items()}
+    return {
+        key: np.asarray(value)[index * len(value) // count : (index + 1) * len(value) // count]
+        for key, value in batch.items()
+    }
 
 
 def same_on_every_process(value: str, what: str) -> None:
-    """Raise DistributedError unless every process of a multi-process run passed the same `value` (its --out)."""
+    """Raise DistributedError unless every process of a multi-process run passed the same `value`
+    (its --out)."""
     from jax.experimental import multihost_utils
 
     digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], dtype=np.int64)
     digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
     if not (digests == digests[0]).all():
-        raise DistributedError(f"The processes of this run were given different {what}; process "
-                               f"{jax.process_index()} has {value!r}. Give every process the same one.")
+        raise DistributedError(
+            f"The processes of this run were given different {what}; process "
+            f"{jax.process_index()} has {value!r}. Give every process the same one."
+        )
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
-    """This process's rows of a batch -> global arrays split along the leading (batch) axis over the mesh."""
+    """This process's rows of a batch -> global arrays split along the leading (batch) axis over the
+    mesh."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     rows = {key: np.asarray(value).shape[0] for key, value in batch.items()}
     if any(n * jax.process_count() % mesh.size for n in rows.values()):
-        raise ValueError(f"A batch of {rows} rows per process cannot be split evenly over {mesh.size} devices: "
-                         f"choose a batch size that is a multiple of {mesh.size}.")
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
+        raise ValueError(
+            f"A batch of {rows} rows per process cannot be split evenly over {mesh.size} devices: "
+            f"choose a batch size that is a multiple of {mesh.size}."
+        )
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in batch.items()
+    }
 
 # %% ../chapters/10_training.ipynb #938e38f0
 PARALLEL_CHECK = r"""
@@ -196,19 +238,24 @@ for devices in (1, 2):
     leaves = [np.asarray(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
     results[devices] = {"loss": float(metrics["loss"]), "leaves": leaves,
                         "devices": len(model.encoder.conv.weight.sharding.device_set)}
-difference = max(float(np.max(np.abs(a - b))) for a, b in zip(results[1]["leaves"], results[2]["leaves"]))
-print(json.dumps({"loss_1": results[1]["loss"], "loss_2": results[2]["loss"], "max_parameter_difference": difference,
-                  "parameter_devices_2": results[2]["devices"], "device_count": jax.device_count()}))
+pairs = zip(results[1]["leaves"], results[2]["leaves"])
+difference = max(float(np.max(np.abs(a - b))) for a, b in pairs)
+print(json.dumps({"loss_1": results[1]["loss"], "loss_2": results[2]["loss"],
+                  "max_parameter_difference": difference,
+                  "parameter_devices_2": results[2]["devices"],
+                  "device_count": jax.device_count()}))
 """
 
 
 def parallel_check() -> dict:
-    """Two training steps on one batch with 1 and with 2 (forced host) devices, in a fresh process: losses and the
-    largest parameter difference afterwards."""
+    """Two training steps on one batch with 1 and with 2 (forced host) devices, in a fresh process:
+    losses and the largest parameter difference afterwards."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run([sys.executable, "-c", PARALLEL_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", PARALLEL_CHECK], capture_output=True, text=True, env=env, timeout=600
+    )
     if done.returncode:
         raise RuntimeError(f"the two-device check failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -238,7 +285,8 @@ def _map_floats(value, change):
 
 
 def _measured(value):
-    """`value` with every NaN or infinite float replaced by None: JSON's "not measured" (bare NaN is not JSON)."""
+    """`value` with every NaN or infinite float replaced by None: JSON's "not measured" (bare NaN is
+    not JSON)."""
     return _map_floats(value, lambda x: x if np.isfinite(x) else None)
 
 
@@ -255,7 +303,8 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 # %% ../chapters/10_training.ipynb #ch10-start
 @dataclass
 class RunStart:
-    """Where one invocation of a run starts: the model and optimizer state, and what its checkpoint remembers."""
+    """Where one invocation of a run starts: the model and optimizer state, and what its checkpoint
+    remembers."""
 
     model: eqx.Module
     opt_state: PyTree
@@ -265,65 +314,108 @@ class RunStart:
     best: dict = field(default_factory=lambda: {"mean_si_sdri": None, "step": None})
 
 
-def start_or_resume(run: RunConfig, out: Path, resume: bool, model: eqx.Module, opt_state: PyTree) -> RunStart:
-    """The run in `out` continued from its last complete checkpoint (`resume`), or started afresh from `model` and
-    `opt_state`. A folder holding a complete checkpoint is refused without `resume`; an interrupted write is never
-    mistaken for a checkpoint, and a line says what happens to it."""
+def start_or_resume(
+    run: RunConfig, out: Path, resume: bool, model: eqx.Module, opt_state: PyTree
+) -> RunStart:
+    """The run in `out` continued from its last complete checkpoint (`resume`), or started afresh
+    from `model` and `opt_state`. A folder holding a complete checkpoint is refused without
+    `resume`; an interrupted write is never mistaken for a checkpoint, and a line says what happens
+    to it."""
     last_dir = out / "checkpoints" / "last"
     saved = complete_steps(last_dir)
     if saved and not resume:
-        raise CheckpointError(f"{out} already holds a run (checkpoints/last). Pass --resume to continue it, or choose "
-                              f"another --out.")
-    interrupted = sorted(p.name for p in last_dir.iterdir() if not p.name.isdigit()) if last_dir.is_dir() else []
+        raise CheckpointError(
+            f"{out} already holds a run (checkpoints/last). Pass --resume to continue it, or "
+            f"choose another --out."
+        )
+    interrupted = (
+        sorted(p.name for p in last_dir.iterdir() if not p.name.isdigit())
+        if last_dir.is_dir()
+        else []
+    )
     say = print if jax.process_index() == 0 else (lambda *_: None)  # one process speaks for the run
     if not saved:
         if interrupted:
-            say(f"{out} has no complete checkpoint (checkpoints/last holds only the interrupted write "
-                  f"{', '.join(interrupted)}): starting the run afresh from step 0")
+            say(
+                f"{out} has no complete checkpoint (checkpoints/last holds only the interrupted "
+                f"write {', '.join(interrupted)}): starting the run afresh from step 0"
+            )
         return RunStart(model, opt_state)
-    say(f"resuming {out} from step {saved[-1]}, its last complete checkpoint"
-          + (f" (an interrupted later write, {', '.join(interrupted)}, is discarded)" if interrupted else ""))
+    say(
+        f"resuming {out} from step {saved[-1]}, its last complete checkpoint"
+        + (
+            f" (an interrupted later write, {', '.join(interrupted)}, is discarded)"
+            if interrupted
+            else ""
+        )
+    )
     meta = read_meta(last_dir)
     if meta.get("processes", 1) != jax.process_count():
-        raise CheckpointError(f"Cannot resume {out} with {jax.process_count()} process(es): it was written by "
-                              f"{meta.get('processes', 1)}, and each process resumes its own share of the data. "
-                              f"Start as many processes as before.")
+        raise CheckpointError(
+            f"Cannot resume {out} with {jax.process_count()} process(es): it was written by "
+            f"{meta.get('processes', 1)}, and each process resumes its own share of the data. "
+            f"Start as many processes as before."
+        )
     if meta.get("run") != asdict(run):
-        raise CheckpointError(f"Cannot resume {out}: the run settings differ from the checkpoint's "
-                              f"(checkpoint, requested): {differences(meta.get('run', {}), asdict(run))}.")
+        raise CheckpointError(
+            f"Cannot resume {out}: the run settings differ from the checkpoint's "
+            f"(checkpoint, requested): {differences(meta.get('run', {}), asdict(run))}."
+        )
     model, opt_state, meta = restore_checkpoint(last_dir, model, opt_state, meta=meta)
-    return RunStart(model, opt_state, meta["step"], meta["data_state"], meta["train_seconds"], meta["best"])
+    return RunStart(
+        model, opt_state, meta["step"], meta["data_state"], meta["train_seconds"], meta["best"]
+    )
 
 # %% ../chapters/10_training.ipynb #ch10-train
 @dataclass
 class TrainResult:
     model: eqx.Module
-    history: History  # this invocation's steps only (a resumed run's earlier steps are in metrics.jsonl)
+    history: (
+        History  # this invocation's steps only (a resumed run's earlier steps are in metrics.jsonl)
+    )
     best: dict  # the best validation scores, with their step
     out: Path
     seconds: float  # training time of the whole run, including earlier invocations
 
 
-def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
-                    model_config: ModelConfig | None = None, stems: tuple[str, ...] = STEM_NAMES,
-                    devices: list | None = None, stop_after: int | None = None, progress: bool = True,
-                    tensorboard: bool = True, strict: bool = False) -> TrainResult:
-    """Train a SepReformer on the train split of the corpus at `root`, validating on its valid split; write
-    checkpoints, logs and TensorBoard files under `out`. `stop_after` ends this invocation after that many steps,
-    as an interruption would (the schedule still spans `run.steps`). A run killed at any moment, even while writing
-    a checkpoint, continues from its last complete checkpoint, or starts afresh when it has none (a line says
-    which). `strict`: a song missing a part, or with a mixture.wav that is not its parts' sum, is an error."""
+def train_on_corpus(
+    run: RunConfig,
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    model_config: ModelConfig | None = None,
+    stems: tuple[str, ...] = STEM_NAMES,
+    devices: list | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    tensorboard: bool = True,
+    strict: bool = False,
+) -> TrainResult:
+    """Train a SepReformer on the train split of the corpus at `root`, validating on its valid
+    split; write checkpoints, logs and TensorBoard files under `out`. `stop_after` ends this
+    invocation after that many steps, as an interruption would (the schedule still spans
+    `run.steps`). A run killed at any moment, even while writing a checkpoint, continues from its
+    last complete checkpoint, or starts afresh when it has none (a line says which). `strict`: a
+    song missing a part, or with a mixture.wav that is not its parts' sum, is an error."""
     out = Path(out)
     last_dir, best_dir = out / "checkpoints" / "last", out / "checkpoints" / "best"
     model_config = model_config or model_config_for(run.profile)
     if model_config.num_stems != len(stems):
-        raise ValueError(f"The model separates {model_config.num_stems} parts but stems={stems} names {len(stems)}.")
+        raise ValueError(
+            f"The model separates {model_config.num_stems} parts but stems={stems} names "
+            f"{len(stems)}."
+        )
     mesh = data_mesh(devices)
     if run.batch_size % mesh.size:
-        raise ValueError(f"batch_size={run.batch_size} must be a multiple of the {mesh.size} devices.")
+        raise ValueError(
+            f"batch_size={run.batch_size} must be a multiple of the {mesh.size} devices."
+        )
     primary = jax.process_index() == 0  # the one process that writes logs, TensorBoard and messages
     if jax.process_count() > 1:
-        same_on_every_process(str(out.resolve()), "--out (the run directory, on a filesystem all processes share)")
+        same_on_every_process(
+            str(out.resolve()), "--out (the run directory, on a filesystem all processes share)"
+        )
     optimizer = make_optimizer(run.optimizer_config())
     model = replicate(SepReformer(model_config, key=jax.random.key(run.seed)), mesh)
     opt_state = replicate(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
@@ -331,10 +423,12 @@ def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathL
     first_step, best = start.step, start.best
     sample_rate = model_config.sample_rate
     segment_samples = int(round(run.segment_seconds * sample_rate))
-    train_set = JaCappellaDataset(root, sample_rate=sample_rate, stems=stems, split="train", progress=progress,
-                                  strict=strict)
-    valid_set = JaCappellaDataset(root, sample_rate=sample_rate, stems=stems, split="valid", progress=progress,
-                                  strict=strict)
+    train_set = JaCappellaDataset(
+        root, sample_rate=sample_rate, stems=stems, split="train", progress=progress, strict=strict
+    )
+    valid_set = JaCappellaDataset(
+        root, sample_rate=sample_rate, stems=stems, split="valid", progress=progress, strict=strict
+    )
     valid = validation_batches(valid_set, segment_samples, run.batch_size, run.valid_segments)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -343,17 +437,31 @@ def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathL
             _truncate_jsonl(out / log, first_step + 1)
     model, opt_state = start.model, start.opt_state
 
-    iterator = training_iterator(train_set, segment_samples, run.batch_size, run.seed, state=start.data_state,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = training_iterator(
+        train_set,
+        segment_samples,
+        run.batch_size,
+        run.seed,
+        augment=run.augment,
+        state=start.data_state,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     batches = (shard_batch(batch, mesh) for batch in iterator)
     writer = None
     if tensorboard and primary:
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-    base_meta = {"model_config": asdict(model_config), "run": asdict(run), "stems": list(stems),
-                 "profile": run.profile, "data_root": str(root), "devices": mesh.size,
-                 "processes": jax.process_count()}
+    base_meta = {
+        "model_config": asdict(model_config),
+        "run": asdict(run),
+        "stems": list(stems),
+        "profile": run.profile,
+        "data_root": str(root),
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+    }
     started = time.perf_counter()
     end = run.steps if stop_after is None else min(run.steps, first_step + stop_after)
 
@@ -362,9 +470,18 @@ def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathL
         seconds = start.seconds + time.perf_counter() - started
         if primary:
             with (out / "metrics.jsonl").open("a") as log:
-                log.write(_json_line({"step": done, "loss": history.loss[-1], "mean_si_sdr": history.mean_si_sdr[-1],
-                                      "si_sdr": history.si_sdr[-1], "learning_rate": history.learning_rate[-1],
-                                      "seconds": seconds}))
+                log.write(
+                    _json_line(
+                        {
+                            "step": done,
+                            "loss": history.loss[-1],
+                            "mean_si_sdr": history.mean_si_sdr[-1],
+                            "si_sdr": history.si_sdr[-1],
+                            "learning_rate": history.learning_rate[-1],
+                            "seconds": seconds,
+                        }
+                    )
+                )
         if done % run.valid_every == 0 or done == run.steps:
             scores = validate(model, valid, stems, place=lambda b: shard_batch(local_rows(b), mesh))
             if primary:
@@ -375,59 +492,108 @@ def train_on_corpus(run: RunConfig, root: str | os.PathLike, out: str | os.PathL
                     if value is not None:  # a part not measured gets no point, not a NaN one
                         writer.add_scalar(f"valid/{key}", value, done)
             measured = scores["mean_si_sdri"]
-            if measured is not None and (best["mean_si_sdri"] is None or measured > best["mean_si_sdri"]):
+            if measured is not None and (
+                best["mean_si_sdri"] is None or measured > best["mean_si_sdri"]
+            ):
                 best.clear()
                 best.update(scores, step=done)
-                save_checkpoint(best_dir, done, model, dict(base_meta, best=best, train_seconds=seconds))
+                save_checkpoint(
+                    best_dir, done, model, dict(base_meta, best=best, train_seconds=seconds)
+                )
         if done % run.checkpoint_every == 0 or done == end:
-            save_checkpoint(last_dir, done, model, dict(base_meta, best=best, train_seconds=seconds,
-                                                        data_state=iterator.get_state()), opt_state)
+            save_checkpoint(
+                last_dir,
+                done,
+                model,
+                dict(base_meta, best=best, train_seconds=seconds, data_state=iterator.get_state()),
+                opt_state,
+            )
         return done >= end
 
     model, opt_state, history = train_loop(
-        model, batches, run.steps - first_step, optimizer_config=run.optimizer_config(), opt_state=opt_state,
-        first_step=first_step, writer=writer, stem_names=stems, sample_rate=sample_rate, log_every=run.log_every,
-        # audio samples run the model on one process's copy, which a multi-process step cannot: single-process only
-        audio_every=run.audio_every if jax.process_count() == 1 else None, description=f"training ({run.profile})",
-        callback=after_step, progress=progress and primary)
+        model,
+        batches,
+        run.steps - first_step,
+        optimizer_config=run.optimizer_config(),
+        opt_state=opt_state,
+        first_step=first_step,
+        writer=writer,
+        stem_names=stems,
+        sample_rate=sample_rate,
+        log_every=run.log_every,
+        # audio samples run the model on one process's copy, which a multi-process step cannot:
+        # single-process only
+        audio_every=run.audio_every if jax.process_count() == 1 else None,
+        description=f"training ({run.profile})",
+        callback=after_step,
+        progress=progress and primary,
+    )
     if writer is not None:
         writer.close()
-    return TrainResult(model, history, dict(best), out, start.seconds + time.perf_counter() - started)
+    return TrainResult(
+        model, history, dict(best), out, start.seconds + time.perf_counter() - started
+    )
 
 # %% ../chapters/10_training.ipynb #ch10-dist
-DISTRIBUTED_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-                   "process_id": "JAX_PROCESS_ID"}
+DISTRIBUTED_ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 
 
 class DistributedError(RuntimeError):
-    """A multi-process run that cannot start: the message says which setting is missing and how to give it."""
+    """A multi-process run that cannot start: the message says which setting is missing and how to
+    give it."""
 
 
-def start_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                      process_id: int | None = None) -> None:
+def start_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
     """Join a multi-process run with JAX's distributed runtime; call it before any other JAX call.
 
-    Each setting comes from its argument, else from its environment variable (`DISTRIBUTED_ENV`), else from a
-    cluster JAX detects (SLURM, Open MPI, TPU). On CPU the processes all-reduce over gloo."""
-    given = {key: value for key, value in dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                                               process_id=process_id).items() if value is not None}
+    Each setting comes from its argument, else from its environment variable (`DISTRIBUTED_ENV`),
+    else from a cluster JAX detects (SLURM, Open MPI, TPU). On CPU the processes all-reduce over
+    gloo."""
+    given = {
+        key: value
+        for key, value in dict(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        ).items()
+        if value is not None
+    }
     for key, variable in DISTRIBUTED_ENV.items():
         if key not in given and os.environ.get(variable):
-            given[key] = os.environ[variable] if key == "coordinator_address" else int(os.environ[variable])
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices need it; others ignore it
+            given[key] = (
+                os.environ[variable] if key == "coordinator_address" else int(os.environ[variable])
+            )
+    jax.config.update(
+        "jax_cpu_collectives_implementation", "gloo"
+    )  # CPU devices need it; others ignore it
     try:
         jax.distributed.initialize(**given)
     except (ValueError, RuntimeError) as error:
-        missing = [f"--{key.replace('_', '-')} (or ${DISTRIBUTED_ENV[key]})" for key in DISTRIBUTED_ENV
-                   if key not in given]
+        missing = [
+            f"--{key.replace('_', '-')} (or ${DISTRIBUTED_ENV[key]})"
+            for key in DISTRIBUTED_ENV
+            if key not in given
+        ]
         raise DistributedError(
-            f"Cannot start a multi-process run ({error}). Outside a cluster JAX detects (SLURM, Open MPI, TPU), give "
-            f"every process the coordinator's address, the number of processes and its own id"
-            + (f"; missing: {', '.join(missing)}" if missing else "") + ".") from None
+            f"Cannot start a multi-process run ({error}). Outside a cluster JAX detects (SLURM, "
+            "Open MPI, TPU), give every process the coordinator's address, the number of "
+            "processes and its own id"
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + "."
+        ) from None
 
 
 def corpus_for_every_process(profile: Profile):
-    """The profile's corpus (`ensure_corpus`), made by process 0 only while the others wait for it."""
+    """The profile's corpus (`ensure_corpus`), made by process 0 only while the others wait for
+    it."""
     if os.environ.get(JACAPPELLA_ENV) or jax.process_count() == 1:
         return ensure_corpus(profile)
     from jax.experimental import multihost_utils
@@ -438,59 +604,118 @@ def corpus_for_every_process(profile: Profile):
 
 # %% ../chapters/10_training.ipynb #1889304e
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sepreformer_book.training",
-                                     description="Train SepReformer on a jaCappella-layout corpus.")
-    parser.add_argument("--profile", default=None, help=f"sizes: {', '.join(PROFILES)} (default: $SEPREFORMER_PROFILE or book)")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="corpus root (default: $JACAPPELLA_ROOT, else the profile's synthetic corpus)")
+    parser = argparse.ArgumentParser(
+        prog="python -m sepreformer_book.training",
+        description="Train SepReformer on a jaCappella-layout corpus.",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help=f"sizes: {', '.join(PROFILES)} (default: $SEPREFORMER_PROFILE or book)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="corpus root (default: $JACAPPELLA_ROOT, else the profile's synthetic corpus)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/first")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
     for f in fields(RunConfig):
-        if f.name != "profile":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=None, help="(profile default)")
+        if f.name not in ("profile", "augment"):
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", type=f.type, default=None, help="(profile default)"
+            )
+    parser.add_argument(
+        "--no-augment", action="store_true", help="train on plain segments, without augmentation"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    parser.add_argument("--strict", action="store_true",
-                        help="a song missing a part file, or whose mixture.wav is not its parts' sum, is an error")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="a song missing a part file, or whose mixture.wav is not its parts' sum, is an error",
+    )
     group = parser.add_argument_group("several processes (machines); see the training chapter")
-    group.add_argument("--coordinator-address", default=None,
-                       help=f"HOST:PORT of process 0's coordinator (default: ${DISTRIBUTED_ENV['coordinator_address']})")
-    group.add_argument("--num-processes", type=int, default=None,
-                       help=f"processes in the run (default: ${DISTRIBUTED_ENV['num_processes']})")
-    group.add_argument("--process-id", type=int, default=None,
-                       help=f"this process's index, 0 to N-1 (default: ${DISTRIBUTED_ENV['process_id']})")
-    group.add_argument("--distributed", action="store_true",
-                       help="join a multi-process run whose settings the cluster provides (SLURM, Open MPI, TPU)")
+    group.add_argument(
+        "--coordinator-address",
+        default=None,
+        help=(
+            "HOST:PORT of process 0's coordinator (default: "
+            f"${DISTRIBUTED_ENV['coordinator_address']})"
+        ),
+    )
+    group.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help=f"processes in the run (default: ${DISTRIBUTED_ENV['num_processes']})",
+    )
+    group.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help=f"this process's index, 0 to N-1 (default: ${DISTRIBUTED_ENV['process_id']})",
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run whose settings the cluster provides (SLURM, Open MPI, TPU)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sepreformer_book.training --out runs/NAME [--profile book] [--data ROOT] [--resume] ...`."""
+    """`python -m sepreformer_book.training --out runs/NAME [--profile book] [--data ROOT]
+    [--resume] ...`."""
     args = build_parser().parse_args(argv)
     settings = {key: getattr(args, key) for key in DISTRIBUTED_ENV}
-    if args.distributed or any(v is not None for v in settings.values()) or any(map(os.environ.get, DISTRIBUTED_ENV.values())):
+    if (
+        args.distributed
+        or any(v is not None for v in settings.values())
+        or any(map(os.environ.get, DISTRIBUTED_ENV.values()))
+    ):
         try:
             start_distributed(**settings)  # before any other JAX call
         except DistributedError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "profile"}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in fields(RunConfig)
+        if f.name not in ("profile", "augment")
+    }
     run = run_config_for(args.profile, **overrides)
+    if args.no_augment:
+        run = replace(run, augment=None)
     profile = active_profile(run.profile)
     try:
         root = args.data or corpus_for_every_process(profile)
-        result = train_on_corpus(run, root, args.out, resume=args.resume, progress=not args.no_progress,
-                                 strict=args.strict)
+        result = train_on_corpus(
+            run,
+            root,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            strict=args.strict,
+        )
     except (CheckpointError, CorpusError, DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if jax.process_index() != 0:
         return 0  # process 0 reports for the run
     best = result.best
-    scored = (f"best validation mean SI-SDRi {best['mean_si_sdri']:.2f} dB at step {best['step']}"
-              if best["mean_si_sdri"] is not None else "no validation segment had an active part to score")
+    scored = (
+        f"best validation mean SI-SDRi {best['mean_si_sdri']:.2f} dB at step {best['step']}"
+        if best["mean_si_sdri"] is not None
+        else "no validation segment had an active part to score"
+    )
     print(f"trained {run.steps} steps in {result.seconds / 60:.1f} min; {scored}")
-    print(f"checkpoints: {args.out / 'checkpoints'}; logs: {args.out}/metrics.jsonl, validation.jsonl; "
-          f"TensorBoard: tensorboard --logdir {args.out / 'tb'}")
+    print(
+        f"checkpoints: {args.out / 'checkpoints'}; logs: {args.out}/metrics.jsonl, "
+        f"validation.jsonl; TensorBoard: tensorboard --logdir {args.out / 'tb'}"
+    )
     return 0
 
 
@@ -507,27 +732,52 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_local_processes(argv: list[str], processes: int = 2, extra: list[list[str]] | None = None,
-                          **popen) -> list[subprocess.Popen]:
-    """Start `python -m sepreformer_book.training *argv` as `processes` processes of one run on this machine
-    (coordinator on 127.0.0.1, a free port, one CPU device each); `extra[i]`: more arguments for process i. Wait
-    for them with `.wait()` or `.communicate()`."""
+def start_local_processes(
+    argv: list[str], processes: int = 2, extra: list[list[str]] | None = None, **popen
+) -> list[subprocess.Popen]:
+    """Start `python -m sepreformer_book.training *argv` as `processes` processes of one run on this
+    machine (coordinator on 127.0.0.1, a free port, one CPU device each); `extra[i]`: more arguments
+    for process i. Wait for them with `.wait()` or `.communicate()`."""
     address = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *DISTRIBUTED_ENV.values())}
-    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env, **popen}
+    popen = {
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.PIPE,
+        "text": True,
+        "env": env,
+        **popen,
+    }
     extra = extra or [[] for _ in range(processes)]
-    return [subprocess.Popen([sys.executable, "-m", "sepreformer_book.training", *argv, *extra[index],
-                              "--coordinator-address", address, "--num-processes", str(processes),
-                              "--process-id", str(index)], **popen)
-            for index in range(processes)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sepreformer_book.training",
+                *argv,
+                *extra[index],
+                "--coordinator-address",
+                address,
+                "--num-processes",
+                str(processes),
+                "--process-id",
+                str(index),
+            ],
+            **popen,
+        )
+        for index in range(processes)
+    ]
 
 # %% ../chapters/10_training.ipynb #83582b34
-LOG_DIGITS = 5  # significant digits of the shipped per-step log: far below its noise, and half its size
+LOG_DIGITS = (
+    5  # significant digits of the shipped per-step log: far below its noise, and half its size
+)
 
 
 def publish_run(run_dir: str | os.PathLike, dest: str | os.PathLike, command: str) -> Path:
-    """Copy the best checkpoint and the logs of the run in `run_dir` to `dest` (replacing it atomically), with a
-    README.md that says how the model was made (`command` is the exact command line used)."""
+    """Copy the best checkpoint and the logs of the run in `run_dir` to `dest` (replacing it
+    atomically), with a README.md that says how the model was made (`command` is the exact command
+    line used)."""
     import platform
     import shutil
 
@@ -540,12 +790,19 @@ def publish_run(run_dir: str | os.PathLike, dest: str | os.PathLike, command: st
     shutil.copy2(run_dir / "validation.jsonl", staging / "validation.jsonl")
     rounded = lambda x: float(f"{x:.{LOG_DIGITS}g}")
     (staging / "metrics.jsonl").write_text(
-        "".join(json.dumps(_map_floats(r, rounded)) + "\n" for r in _read_jsonl(run_dir / "metrics.jsonl")))
+        "".join(
+            json.dumps(_map_floats(r, rounded)) + "\n"
+            for r in _read_jsonl(run_dir / "metrics.jsonl")
+        )
+    )
     profile = active_profile(best["profile"])
     data = f"the corpus at {best['data_root']}"
     if Path(best["data_root"]).resolve() == synthetic_corpus_root(profile).resolve():
-        data = (f"the synthetic Bach-chorale corpus of the `{profile.name}` profile ({profile.corpus_songs} songs x "
-                f"{profile.corpus_seconds:g} s, corpus seed 0, made by `ensure_corpus()`)")
+        data = (
+            f"the synthetic Bach-chorale corpus of the `{profile.name}` profile "
+            f"({profile.corpus_songs} songs x {profile.corpus_seconds:g} s, corpus seed 0, made by "
+            "`ensure_corpus()`)"
+        )
     scores = ", ".join(f"{name} {best['best'][f'si_sdri/{name}']:.2f}" for name in best["stems"])
     (staging / "README.md").write_text(
         f"# The `{best['profile']}` model shipped with sepreformer-book\n\n"
@@ -555,12 +812,13 @@ def publish_run(run_dir: str | os.PathLike, dest: str | os.PathLike, command: st
         f"- Data: {data}, train split; validation on its valid split.\n"
         f"- Run: {json.dumps(best['run'])}\n"
         f"- Model: {json.dumps(best['model_config'])}\n"
-        f"- Trained {last['step']} steps in {last['train_seconds'] / 60:.1f} min on {best['devices']} device(s) "
-        f"({jax.devices()[0].platform}, {os.cpu_count()} cores, {platform.machine()}).\n"
-        f"- This checkpoint: step {best['step']}, the best validation mean SI-SDRi, "
-        f"{best['best']['mean_si_sdri']:.2f} dB (per part: {scores}).\n"
-        f"- `metrics.jsonl` (every step, numbers rounded to {LOG_DIGITS} significant digits) and `validation.jsonl` "
-        f"are the run's logs.\n")
+        f"- Trained {last['step']} steps in {last['train_seconds'] / 60:.1f} min on "
+        f"{best['devices']} device(s) ({jax.devices()[0].platform}, {os.cpu_count()} cores, "
+        f"{platform.machine()}).\n- This checkpoint: step {best['step']}, the best validation mean "
+        f"SI-SDRi, {best['best']['mean_si_sdri']:.2f} dB (per part: {scores}).\n"
+        f"- `metrics.jsonl` (every step, numbers rounded to {LOG_DIGITS} significant digits) and "
+        f"`validation.jsonl` are the run's logs.\n"
+    )
     if dest.exists():
         retired = dest.with_name(dest.name + ".retired")
         shutil.rmtree(retired, ignore_errors=True)

@@ -39,8 +39,10 @@ def train(corpus, tmp_path_factory) -> JaCappellaDataset:
 def test_layout_and_format(corpus):
     songs = sorted((corpus / SYNTH_SUBSET).iterdir())
     assert len(songs) == 5
+    manifest = json.loads((corpus / CORPUS_MARKER).read_text())
     for song in songs:
-        assert sorted(p.name for p in song.iterdir()) == sorted([f"{p}.wav" for p in STEM_NAMES] + ["mixture.wav"])
+        extra = ["vocal_percussion.wav"] if song.name in manifest["with_vocal_percussion"] else []
+        assert sorted(p.name for p in song.iterdir()) == sorted([f"{p}.wav" for p in STEM_NAMES] + ["mixture.wav"] + extra)
         info = sf.info(song / "mixture.wav")
         assert (info.samplerate, info.channels, info.subtype, info.frames) == (48000, 1, "PCM_16", 96000)
     manifest = json.loads((corpus / CORPUS_MARKER).read_text())
@@ -51,7 +53,8 @@ def test_layout_and_format(corpus):
 
 def test_mixture_is_exact_sum_of_parts(corpus):
     for song in (corpus / SYNTH_SUBSET).iterdir():
-        parts = sum(sf.read(song / f"{p}.wav", dtype="int16")[0].astype(np.int32) for p in STEM_NAMES)
+        files = [f for f in song.glob("*.wav") if f.name != "mixture.wav"]
+        parts = sum(sf.read(f, dtype="int16")[0].astype(np.int32) for f in files)
         assert np.array_equal(parts, sf.read(song / "mixture.wav", dtype="int16")[0].astype(np.int32))
         assert np.abs(parts).max() > 1000  # not silent
 
@@ -92,19 +95,69 @@ def test_corpus_is_deterministic(tmp_path, corpus):
 def test_voice_model_pitch_band_limit_and_distinct_lead():
     render = jaxtyped(typechecker=beartype)(choir.render_voice)
     sr = 16000
-    dry = dataclasses.replace(choir.VOICE_DEFAULTS["tenor"], breathiness=0.0)  # breath noise is broadband on purpose
-    note = render([(0.0, 1.0, 57)], dry, sr, sr, np.random.default_rng(0), vowels=["a"])
-    spectrum = np.abs(np.fft.rfft(note[4000:12000] * np.hanning(8000)))
-    freqs = np.fft.rfftfreq(8000, 1 / sr)
-    assert abs(freqs[np.argmax(spectrum * (freqs < 300))] - 220.0) < 4.0
-    assert spectrum[freqs > 5200].max() < 1e-3 * spectrum.max()  # harmonics stop below 5 kHz
+    quiet = dict(vibrato_cents=0.0, jitter_cents=0.0, shimmer_db=0.0, drift_cents=0.0, breathiness=0.0,
+                 consonants=0.0, scoop=0.0)
+    for family in choir.SOURCE_FAMILIES:
+        singer = choir.draw_singer("tenor", choir.Choir(sources=(family,)), np.random.default_rng(0))
+        note = render([(0.0, 1.0, 57)], dataclasses.replace(singer, **quiet), sr, sr, np.random.default_rng(0),
+                      chosen_vowels=["a"])
+        spectrum = np.abs(np.fft.rfft(note[4000:12000] * np.hanning(8000)))
+        freqs = np.fft.rfftfreq(8000, 1 / sr)
+        assert abs(freqs[np.argmax(spectrum * (freqs < 300))] - 220.0) < 4.0, family
+        assert spectrum[freqs > 5200].max() < 1e-3 * spectrum.max(), family  # harmonics stop below 5 kHz
     voices = choir.read_chorale(choir.chorale_paths()[0])
     parts = choir.render_song(voices, 3.0, SR, np.random.default_rng(3))
     lead, soprano = parts["lead_vocal"].astype(float), parts["soprano"].astype(float)
     corr = abs(lead @ soprano) / (np.linalg.norm(lead) * np.linalg.norm(soprano) + 1e-9)
     assert corr < 0.5
-    with_beat = choir.render_song(voices, 2.0, SR, np.random.default_rng(3), vocal_percussion=True)
+    beatboxed = dataclasses.replace(choir.TRAINING_CHOIR, vocal_percussion=1.0)
+    with_beat = choir.render_song(voices, 2.0, SR, np.random.default_rng(3), beatboxed)
     assert set(with_beat) == set(STEM_NAMES) | {"vocal_percussion"}
+
+
+def test_source_families_differ_and_are_normalised():
+    spectra = {}
+    for family in choir.SOURCE_FAMILIES:
+        singer = choir.draw_singer("alto", choir.Choir(sources=(family,)), np.random.default_rng(1))
+        spectra[family] = np.abs(choir.source_spectrum(singer, 12))
+        assert spectra[family][0] == pytest.approx(1.0) and np.all(np.isfinite(spectra[family]))
+    assert not np.allclose(spectra["rosenberg"], spectra["lf"], atol=0.05)
+    with pytest.raises(ValueError, match="Unknown source family"):
+        choir.source_spectrum(dataclasses.replace(singer, source="whistle"), 4)
+
+
+def test_timbre_ranges_overlap_between_neighbouring_parts():
+    order = ("bass", "tenor", "alto", "soprano")
+    for low, high in zip(order, order[1:]):
+        assert choir.TRACT_RANGES[high][0] < choir.TRACT_RANGES[low][1], (low, high)
+    tracts = {part: [choir.draw_singer(part, choir.TRAINING_CHOIR, np.random.default_rng(i)).tract_scale
+                     for i in range(50)] for part in order}
+    assert max(tracts["bass"]) > min(tracts["tenor"]) and max(tracts["alto"]) > min(tracts["soprano"])
+
+
+def test_held_out_choir_never_overlaps_training_factors():
+    training, held_out = choir.TRAINING_CHOIR, choir.HELD_OUT_CHOIR
+    assert not set(training.sources) & set(held_out.sources)
+    assert training.vowel_set != held_out.vowel_set
+    assert not set(choir.VOWEL_SETS[training.vowel_set]) & set(choir.VOWEL_SETS[held_out.vowel_set])
+    assert held_out.rt60[1] > training.rt60[1]
+
+
+def test_held_out_corpus_sings_the_test_songs(tmp_path, monkeypatch):
+    monkeypatch.delenv(config.JACAPPELLA_ENV, raising=False)
+    monkeypatch.setenv(choir.DATA_ENV, str(tmp_path))
+    tiny = Profile("tiny", sample_rate=SR, segment_seconds=0.25, batch_size=1, corpus_songs=4, corpus_seconds=0.5,
+                   overfit_steps=1)
+    root = choir.ensure_held_out_corpus(tiny, progress=False)
+    assert root == tmp_path / "chorales-tiny-held-out"
+    training = json.loads((tmp_path / "chorales-tiny" / CORPUS_MARKER).read_text())
+    manifest = json.loads((root / CORPUS_MARKER).read_text())
+    assert manifest["split"]["test"] == training["split"]["test"] and not manifest["split"]["train"]
+    assert manifest["choir"]["sources"] == list(choir.HELD_OUT_CHOIR.sources)
+    stamp = (root / CORPUS_MARKER).stat().st_mtime_ns  # complete: a second call renders nothing
+    assert choir.ensure_held_out_corpus(tiny, progress=False) == root
+    assert (root / CORPUS_MARKER).stat().st_mtime_ns == stamp
+    assert JaCappellaDataset(root, SR, split="test", cache_dir=tmp_path / "c").songs
 
 
 def test_tune_family_ignores_key():
@@ -231,7 +284,9 @@ def test_items_shapes_dtypes_masks(train):
     assert batch["stems"].shape == (2, 5, segment) and batch["stems"].dtype == np.float32
     assert batch["present"].dtype == np.bool_ and batch["present"].shape == (2, 5) and batch["present"].all()
     assert batch["active"].dtype == np.bool_ and batch["active"].shape == (2, 5)
-    np.testing.assert_allclose(batch["mixture"], batch["stems"].sum(1), atol=1e-6)
+    residual = [bool(train[i].residual_rows) for i in range(len(train))]
+    if not any(residual):
+        np.testing.assert_allclose(batch["mixture"], batch["stems"].sum(1), atol=1e-6)
     power = (batch["stems"].astype(np.float64) ** 2).mean(-1)
     assert np.array_equal(batch["active"], power > 10 ** (data.SILENCE_DB / 10))
     whole = train.song(0)
@@ -396,8 +451,10 @@ def test_subset_of_stems_and_vocal_percussion(quirky, tmp_path):
     ds = JaCappellaDataset(quirky, SR, stems=("bass", "vocal_percussion"), split="all", cache_dir=tmp_path / "c")
     item = ds.song(0)
     assert item["stems"].shape[0] == 2 and item["present"].tolist() == [True, False]
-    segment = data.read_segment(ds, ds[0], 0, ds[0].length)  # training items: the mixture of the selected stems
-    np.testing.assert_allclose(segment["mixture"], item["stems"][0])
+    segment = data.read_segment(ds, ds[0], 0, ds[0].length)  # training items: every part file, selected or not
+    part_rows = sorted(set(ds[0].residual_rows) | {r for r in ds[0].rows if r >= 0})
+    np.testing.assert_allclose(segment["mixture"], np.asarray(ds.audio(ds[0]), np.float32)[part_rows].sum(0), atol=1e-6)
+    assert ds[0].residual_rows  # the other sung parts are the residual
     every_part = np.asarray(ds.audio(ds[0]), dtype=np.float32).sum(axis=0)  # a whole song: everything sung in it
     np.testing.assert_allclose(item["mixture"], every_part)
 
@@ -448,3 +505,50 @@ def test_each_process_reads_its_share_of_every_global_batch(train):
         np.testing.assert_array_equal(np.concatenate([r["mixture"] for r in rows]), batch["mixture"])
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         training_iterator(train, 400, 3, process_index=0, process_count=2)
+
+
+# ---------------------------------------------------------------- augmentation
+def test_augmentation_is_deterministic_switchable_and_resumable(train):
+    augment = data.Augment()
+    a = loader(train, 1000, 2, seed=5, augment=augment)[0]
+    b = loader(train, 1000, 2, seed=5, augment=augment)[0]
+    plain = loader(train, 1000, 2, seed=5)[0]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["stems"], plain["stems"])
+    off = data.Augment(gain_db=0.0, polarity=False, drop=0.0, remix=0.0)
+    same = loader(train, 1000, 2, seed=5, augment=off)[0]
+    np.testing.assert_allclose(same["stems"], plain["stems"], atol=1e-6)  # everything off: the plain item
+    iterator = training_iterator(train, 1000, 2, seed=1, augment=augment)
+    for _ in range(3):
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(2)]
+    resumed = training_iterator(train, 1000, 2, seed=1, augment=augment, state=state)
+    for want in expected:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_each_augmentation_does_what_it_says(train):
+    ref, rng = train[0], np.random.default_rng(0)
+    base_stems, base_residual = data.read_parts(train, ref, 0, 2000)
+    flipped = data.augment_item(train, ref, 0, 2000, data.Augment(gain_db=0.0, polarity=True, drop=0.0, remix=0.0), rng)
+    ratio = np.sum(flipped["stems"] * base_stems, axis=1) / np.maximum(np.sum(base_stems ** 2, axis=1), 1e-12)
+    assert np.allclose(np.abs(ratio[base_stems.any(axis=1)]), 1.0, atol=1e-4)  # only signs change
+    levels = []
+    for seed in range(20):
+        item = data.augment_item(train, ref, 0, 2000, data.Augment(gain_db=6.0, polarity=False, drop=0.0, remix=0.0),
+                                 np.random.default_rng(seed))
+        levels.append(np.sum(item["stems"] ** 2, axis=1) / np.maximum(np.sum(base_stems ** 2, axis=1), 1e-12))
+        np.testing.assert_allclose(item["mixture"], item["stems"].sum(0) + (item["mixture"] - item["stems"].sum(0)))
+    db = 10 * np.log10(np.array(levels)[:, base_stems.any(axis=1)])
+    assert db.max() <= 12.0 + 1e-3 and db.max() - db.min() > 3.0  # within +-6 dB of amplitude, and varied
+    for seed in range(20):
+        item = data.augment_item(train, ref, 0, 2000, data.Augment(gain_db=0.0, polarity=False, drop=0.5, remix=0.0),
+                                 np.random.default_rng(seed))
+        silent = ~item["stems"].any(axis=1)
+        assert not silent.all() and item["present"].all()  # one part always stays; dropped parts stay present
+        assert not item["active"][silent].any()
+    remixed = data.augment_item(train, ref, 0, 2000, data.Augment(gain_db=0.0, polarity=False, drop=0.0, remix=1.0),
+                                np.random.default_rng(3))
+    assert remixed["stems"].shape == base_stems.shape and np.abs(remixed["mixture"]).max() <= 1.0 + 1e-6

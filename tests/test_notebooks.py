@@ -12,6 +12,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 MAX_NOTEBOOK_BYTES = 4_000_000
+# The rendered page shows this many characters of a code line; a longer one scrolls sideways or wraps (`#|` option
+# lines are Quarto's, not the reader's, and are left alone).
+PAGE_WIDTH = 100
 # A chapter's first cell is a markdown cell whose first line is its title with a label, `# Title {#sec-label}`: Quarto
 # takes the chapter's title from its first H1, and the label makes `@sec-label` a cross-reference to it.
 TITLE_LINE = re.compile(r"^# .+ \{#sec-[a-z0-9-]+\}\s*$")
@@ -125,6 +128,15 @@ def notebook_problems(path: Path) -> list[str]:
     return problems
 
 
+def long_code_lines(path: Path) -> list[str]:
+    """The lines of a notebook's code cells longer than PAGE_WIDTH characters, named by notebook, cell id and line."""
+    notebook = nbformat.read(path, as_version=4)
+    return [f"{path.name} cell {cell.get('id', index)} line {number}: {len(line)} characters: {line[:60]!r}..."
+            for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"
+            for number, line in enumerate(cell.source.splitlines(), start=1)
+            if len(line) > PAGE_WIDTH and not line.startswith("#|")]
+
+
 def test_there_are_chapters():
     assert CHAPTERS, "chapters/ holds no notebooks"
 
@@ -132,6 +144,13 @@ def test_there_are_chapters():
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
 def test_chapter_is_clean(path):
     assert notebook_problems(path) == []
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_code_lines_fit_the_page(path):
+    long = long_code_lines(path)
+    assert long == [], (f"code lines longer than {PAGE_WIDTH} characters (the rendered page's width); split them, "
+                        f"e.g. with `ruff format --line-length {PAGE_WIDTH}`: {long}")
 
 
 def _book_files(entries) -> list[str]:
@@ -241,6 +260,19 @@ def test_hygiene_catches_chapters_named_by_number(tmp_path):
 def test_cross_references_are_read_from_prose():
     text = "See @sec-dual-path. Or [@sec-model; @sec-conv], e.g. a mail@sec-x.org and {#sec-defined}."
     assert _cross_references(text) == {"dual-path", "model", "conv"}
+
+
+def test_long_code_lines_are_caught(tmp_path):
+    title = nbformat.v4.new_markdown_cell("# Probe {#sec-probe}")
+    fits = nbformat.v4.new_code_cell("#| export: true\nx = 1\n" + "y = " + "1" * (PAGE_WIDTH - 4), execution_count=1)
+    fits.id = "fits"
+    too_long = nbformat.v4.new_code_cell("x = 1\n# " + "a" * (PAGE_WIDTH - 1), execution_count=2)
+    too_long.id = "too-long"
+    option = nbformat.v4.new_code_cell("#| fig-cap: " + "a" * PAGE_WIDTH + "\nx = 1", execution_count=3)
+    prose = nbformat.v4.new_markdown_cell("a" * (2 * PAGE_WIDTH))
+    assert long_code_lines(_write(tmp_path, [title, fits, option, prose])) == []
+    long = long_code_lines(_write(tmp_path, [title, fits, too_long]))
+    assert len(long) == 1 and "99_probe.ipynb cell too-long line 2: 101 characters" in long[0], long
 
 
 def test_hygiene_catches_bare_directive(tmp_path):
