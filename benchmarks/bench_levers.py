@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_model import matmul_peak  # this folder is on sys.path when the script runs
-from sepreformer_book.dual_path import ThroughEquinox, TransformerBlock, apply_rowwise, project_qkv
+from sepreformer_book.dual_path import ThroughEquinox, TransformerBlock, apply_rowwise, project_qkv, vmapped_grouped
 from sepreformer_book.model import PRESETS, SepReformer
 from sepreformer_book.snake import Snake
 
@@ -53,6 +53,9 @@ class DenseOnlyBlock(eqx.Module):
         q, k, v = project_qkv(attn, norm(b.norm1, x))
         x = x + b.scale1 * apply_rowwise(attn.output_proj, q + k + v)
         return x + b.scale2 * apply_rowwise(b.ff, norm(b.norm2, x))
+
+    def grouped(self, x, valid, axis):
+        return vmapped_grouped(self, x, valid, axis)
 
 
 BOUNDS = {  # name -> (replace Snake by the identity?, keep LayerNorm?)

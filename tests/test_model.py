@@ -9,10 +9,12 @@ import pytest
 from beartype import beartype
 from jaxtyping import Array, Float, TypeCheckError, jaxtyped
 
-from sepreformer_book.conv import Decoder, Encoder, frame_count, padded_length
+from sepreformer_book.conv import Decoder, Encoder, frame_count, overlap_add, padded_length, strided_windows
 from sepreformer_book.dual_path import (DualPathBlock, ThroughEquinox, TransformerBlock, apply_rowwise,
-                                        chunk_validity, dual_path_reference, feedforward, project_qkv,
-                                        rope_attention, rope_attention_reference, rope_tables)
+                                        chunk_validity, dual_path_reference, feedforward,
+                                        grouped_rope_attention, project_qkv, rope_attention,
+                                        rope_attention_reference, rope_tables, softmax_attention,
+                                        vmapped_grouped)
 from sepreformer_book.model import (PRESETS, ModelConfig, SepReformer, SplitLayer, forward_flops,
                                     model_config_for, parameter_count)
 from sepreformer_book.snake import Snake, reduced_sin_cos, snake
@@ -43,6 +45,35 @@ def test_padded_length_tiles_and_decoder_returns_it(num_samples):
 def test_frame_count_rejects_short_input():
     with pytest.raises(ValueError, match="kernel_size"):
         frame_count(3, 16, 8)
+
+
+@pytest.mark.parametrize("kernel_size, stride", [(16, 8), (32, 16), (12, 4), (8, 8)])
+def test_encoder_and_decoder_products_equal_their_convolution_layers(kernel_size, stride):
+    encoder = Encoder(6, kernel_size, stride, key=jax.random.key(0))
+    decoder = Decoder(6, kernel_size, stride, key=jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (padded_length(203, kernel_size, stride),))
+    windows = jaxtyped(typechecker=beartype)(strided_windows)(x, kernel_size, stride)
+    assert windows.shape == (frame_count(x.shape[0], kernel_size, stride), kernel_size)
+    np.testing.assert_allclose(encoder(x),  # __call__ is jaxtyped
+                               jax.nn.gelu(encoder.conv(x[None])).T, atol=1e-6)
+    h = jax.random.normal(jax.random.key(3), (25, 6))
+    np.testing.assert_allclose(decoder(h), decoder.conv_t(h.T)[0], atol=1e-5)
+    # and in the gradient of every weight
+    loss = lambda layers, apply: jnp.sum(jnp.sin(apply(layers, x)))
+    ours = eqx.filter_grad(loss)((encoder, decoder), lambda p, v: p[1](p[0](v)))
+    layers = eqx.filter_grad(loss)((encoder, decoder),
+                                   lambda p, v: p[1].conv_t(jax.nn.gelu(p[0].conv(v[None])))[0])
+    _assert_trees_close(ours, layers, rtol=1e-4, atol=1e-5)
+
+
+def test_strided_windows_and_overlap_add_refuse_a_kernel_that_is_not_a_multiple_of_the_stride():
+    with pytest.raises(ValueError, match="not a multiple of stride=4"):
+        strided_windows(jnp.zeros(30), 10, 4)
+    with pytest.raises(ValueError, match="not a multiple of stride=4"):
+        overlap_add(jnp.zeros((3, 10)), 4)
+    encoder = Encoder(3, 10, 4, key=jax.random.key(0))  # falls back to the convolution layer
+    x = jnp.arange(30.0)
+    np.testing.assert_allclose(encoder(x), jax.nn.gelu(encoder.conv(x[None])).T, atol=1e-6)
 
 
 def test_encoder_decoder_accept_numpy_ints():
@@ -99,6 +130,60 @@ def test_dual_path_equals_loop_reference(num_frames):
     block = _loud(DualPathBlock(16, 2, 32, chunk_size=8, key=jax.random.key(1)))
     x = jax.random.normal(jax.random.key(num_frames), (num_frames, 16))
     np.testing.assert_allclose(eqx.filter_jit(lambda b, v: b(v))(block, x), dual_path_reference(block, x), atol=1e-4)
+
+
+def _old_dual_path(block, x):
+    """The dual-path block as the book first wrote it: vmap over chunks, transpose to slots, vmap again."""
+    num_frames, channels = x.shape
+    valid = chunk_validity(num_frames, block.chunk_size)
+    chunks = jnp.pad(x, ((0, valid.size - num_frames), (0, 0))).reshape(*valid.shape, channels)
+    chunks = jax.vmap(block.intra_block)(chunks, jnp.asarray(valid))
+    slots = jax.vmap(block.inter_block)(jnp.transpose(chunks, (1, 0, 2)), jnp.asarray(valid.T))
+    return jnp.transpose(slots, (1, 0, 2)).reshape(-1, channels)[:num_frames]
+
+
+@pytest.mark.parametrize("num_frames", [8, 27])
+def test_dual_path_equals_the_vmapped_form_in_value_and_gradient(num_frames):
+    block = _loud(DualPathBlock(16, 2, 32, chunk_size=8, key=jax.random.key(3)))
+    x = jax.random.normal(jax.random.key(num_frames), (num_frames, 16))
+    np.testing.assert_allclose(block(x), eqx.filter_jit(_old_dual_path)(block, x), atol=1e-5)
+    loss = lambda apply: eqx.filter_jit(eqx.filter_grad(lambda b, v: jnp.sum(jnp.sin(apply(b, v)))))(block, x)
+    _assert_trees_close(loss(lambda b, v: b(v)), loss(_old_dual_path), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_grouped_attention_equals_vmapped_sequences(axis):
+    block = TransformerBlock(16, 2, 32, key=jax.random.key(4), layer_scale=1.0)
+    x = jax.random.normal(jax.random.key(5), (5, 7, 16))
+    valid = jnp.ones((5, 7), bool).at[-1, 4:].set(False)
+    grouped = jaxtyped(typechecker=beartype)(grouped_rope_attention)
+    per_sequence = lambda s, v: rope_attention(block.attn, s, v)
+    np.testing.assert_allclose(grouped(block.attn, x, valid, axis),
+                               vmapped_grouped(per_sequence, x, valid, axis), atol=1e-5)
+    np.testing.assert_allclose(block.grouped(x, valid, axis), vmapped_grouped(block, x, valid, axis), atol=1e-5)
+    with pytest.raises(ValueError, match="axis must be 0 or 1"):
+        grouped_rope_attention(block.attn, x, valid, 2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmax_attention_backward_equals_autodiff(masked):
+    q, k, v = jax.random.normal(jax.random.key(6), (3, 4, 2, 9, 8))
+    valid = jnp.ones((4, 1, 1, 9), bool).at[-1, ..., 6:].set(False) if masked else None
+
+    def by_autodiff(q, k, v):
+        logits = q @ jnp.swapaxes(k, -1, -2)
+        logits = logits if valid is None else jnp.where(valid, logits, -jnp.inf)
+        return jax.nn.softmax(logits, axis=-1) @ v
+
+    checked = jaxtyped(typechecker=beartype)(softmax_attention)
+    np.testing.assert_allclose(checked(q, k, v, valid), by_autodiff(q, k, v), atol=1e-6)
+    d_out = jax.random.normal(jax.random.key(7), q.shape)
+    ours = jax.vjp(lambda *a: softmax_attention(*a, valid), q, k, v)[1](d_out)
+    theirs = jax.vjp(by_autodiff, q, k, v)[1](d_out)
+    for mine, reference in zip(ours, theirs):
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-5)
+    if masked:  # a masked key gets no gradient and changes nothing
+        assert float(jnp.max(jnp.abs(ours[1][-1, ..., 6:, :]))) == 0.0
 
 
 def test_padding_values_do_not_reach_real_frames():
