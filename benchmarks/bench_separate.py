@@ -1,10 +1,15 @@
 """Benchmark of whole-song separation: windowed (chunked) against one pass over the whole song, book preset.
 
 Run: python benchmarks/bench_separate.py  [--seconds 30,120,300] [--memory-budget-gb 8]
+     python benchmarks/bench_separate.py --windows 1,2,4,8 [--song-seconds 60]
 Each case runs in its own subprocess, so that its peak resident memory (ru_maxrss) is its own; the table also shows
 the resident memory before separation (imports, model), so the increase is visible. Times exclude compilation
 (reported apart). The whole-song pass is run only where XLA's compiled plan for it fits the memory budget; otherwise
 the planned size is shown. The model is a freshly initialised book preset: weights do not change the cost.
+
+With --windows, it times instead the windowed separation of one song for each window length (the cross-fade scaled
+with the window, the same number of windows per call), in turns over a few rounds, and prints the time per minute of
+audio: which window is fastest per second of audio. (Which one separates best is the evaluation chapter's question.)
 """
 
 import argparse
@@ -58,13 +63,44 @@ def run_case(mode: str, seconds: float, budget_gb: float) -> dict:
     return result
 
 
+def window_sweep(window_seconds: list[float], song_seconds: float, rounds: int = 3) -> None:
+    model = SepReformer(PRESETS["book"], key=jax.random.key(0))
+    rate = model.config.sample_rate
+    audio = (0.1 * np.random.default_rng(0).standard_normal(int(song_seconds * rate))).astype(np.float32)
+    sizes = {}
+    for seconds in window_seconds:
+        overlap_seconds = OVERLAP_SECONDS * seconds / WINDOW_SECONDS
+        sizes[seconds] = window_sizes(seconds, overlap_seconds, rate, frame_grid(model))
+        window, overlap = sizes[seconds]
+        separate_long(model, audio[:window], window_samples=window, overlap_samples=overlap)  # compile
+    times = {seconds: [] for seconds in sizes}
+    for _ in range(rounds):
+        for seconds, (window, overlap) in sizes.items():
+            start = time.perf_counter()
+            separate_long(model, audio, window_samples=window, overlap_samples=overlap)
+            times[seconds].append(time.perf_counter() - start)
+    print(f"windowed separation of a {song_seconds:g} s song, book preset, {BATCH_WINDOWS} windows per call, "
+          f"median of {rounds} rounds")
+    print(f"{'window s':>8} | {'overlap s':>9} | {'s per audio min':>15} | {'vs default':>10}")
+    default = np.median(times[WINDOW_SECONDS]) if WINDOW_SECONDS in times else None
+    for seconds, (window, overlap) in sizes.items():
+        median = float(np.median(times[seconds]))
+        relative = f"{median / default:>10.2f}" if default else f"{'':>10}"
+        print(f"{window / rate:>8.3g} | {overlap / rate:>9.3g} | {median / song_seconds * 60:>15.2f} | {relative}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", default="30,120,300", help="comma-separated song lengths in seconds")
     parser.add_argument("--memory-budget-gb", type=float, default=8.0,
                         help="run the whole-song pass only where XLA plans at most this much temporary memory")
+    parser.add_argument("--windows", help="comma-separated window lengths in seconds: time the window sweep instead")
+    parser.add_argument("--song-seconds", type=float, default=60.0, help="song length for --windows")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.windows:
+        window_sweep([float(s) for s in args.windows.split(",") if s.strip()], args.song_seconds)
+        return
     if args.child:
         print(json.dumps(run_case(args.child[0], float(args.child[1]), args.memory_budget_gb)))
         return

@@ -70,8 +70,8 @@ def window_starts(
 
 # %% ../chapters/11_inference.ipynb #b5e28f5d
 # default window for whole-song inference (see the evaluation chapter, "How long a window?")
-WINDOW_SECONDS = 2.0
-OVERLAP_SECONDS = 0.25  # default cross-fade length
+WINDOW_SECONDS = 1.0
+OVERLAP_SECONDS = 0.125  # default cross-fade length
 BATCH_WINDOWS = 4  # windows separated per call of the model
 
 
