@@ -2,14 +2,16 @@
 
 # %% auto #0
 __all__ = ['PROFILE_ENV', 'PROFILES', 'STEM_NAMES', 'OPTIONAL_STEMS', 'ALL_STEMS', 'CORPUS_SAMPLE_RATE', 'TEST_LIST_NAME',
-           'VALID_LIST_NAME', 'JACAPPELLA_ENV', 'PART_COLOURS', 'Profile', 'active_profile', 'CorpusError',
-           'AudioFileError', 'atomic_write', 'part_colour', 'peak_scale', 'listen']
+           'VALID_LIST_NAME', 'JACAPPELLA_ENV', 'MESSAGE_WIDTH', 'PART_COLOURS', 'Profile', 'active_profile',
+           'CorpusError', 'AudioFileError', 'atomic_write', 'tell', 'part_colour', 'peak_scale', 'listen']
 
 # %% ../chapters/00_config.ipynb #92dc6626
 """Profiles, shared conventions and small helpers used by every chapter (generated from
 chapters/00_config.ipynb)."""
 
 import os
+import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -181,6 +183,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+MESSAGE_WIDTH = 100  # characters per line of a command-line tool's message, as on the book's page
+
+
+def tell(message: str) -> None:
+    """Print a command-line tool's message to stderr, each line wrapped at MESSAGE_WIDTH characters
+    (words and paths kept whole, continuation lines indented): it reads the same in a terminal and
+    on the book's page."""
+    wrapped = (
+        textwrap.fill(line, MESSAGE_WIDTH, subsequent_indent="  ", break_long_words=False,
+                      break_on_hyphens=False)
+        for line in str(message).splitlines() or [""]
+    )
+    print("\n".join(wrapped), file=sys.stderr)
 
 # %% ../chapters/00_config.ipynb #b10026a2
 PART_COLOURS: dict[str, str] = {

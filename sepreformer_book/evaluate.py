@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .checkpoints import CheckpointError, load_model
 from .choir import default_corpus_root
-from .config import AudioFileError, CorpusError, atomic_write
+from .config import AudioFileError, CorpusError, atomic_write, tell
 from .data import JaCappellaDataset
 from .inference import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid,
                                         separate_long, window_sizes)
@@ -200,8 +200,8 @@ _COLUMNS = (
     ("mixture_si_sdr", "mixture SI-SDR"),
     ("model_si_sdr", "model SI-SDR"),
     ("model_si_sdri", "model SI-SDRi"),
-    ("oracle_si_sdr", "oracle IRM SI-SDR"),
-    ("oracle_si_sdri", "oracle IRM SI-SDRi"),
+    ("oracle_si_sdr", "IRM SI-SDR"),
+    ("oracle_si_sdri", "IRM SI-SDRi"),
 )
 
 
@@ -217,7 +217,7 @@ def markdown_table(summary: list[dict]) -> str:
             for key, _ in _COLUMNS
         ]
         lines.append(f"| {entry['part']} | {entry['songs']} | " + " | ".join(cells) + " |")
-    note = "\n\nCells: mean / median over songs, in dB.\n"
+    note = "\n\nCells: mean / median over songs, in dB. IRM: the oracle ideal ratio mask.\n"
     gaps = [
         f"{entry['part']} in {entry['missing']}"
         for entry in summary
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
         )
     except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
+        tell(f"error: {error}")
         return 2
     print(markdown_table(summary))
     print(f"mean SI-SDRi over parts: {mean_over_parts(summary):.2f} dB")

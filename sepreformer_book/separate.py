@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from .checkpoints import load_model
-from .config import AudioFileError, atomic_write
+from .config import AudioFileError, atomic_write, tell
 from .data import read_wav
 from .evaluate import mixture_consistent, user_errors
 from .inference import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_grid,
@@ -26,7 +26,7 @@ from .inference import (BATCH_WINDOWS, OVERLAP_SECONDS, WINDOW_SECONDS, frame_gr
 def say(message: str) -> None:
     """Tell the user what the tool does to their audio (stderr, so that stdout stays for
     results)."""
-    print(f"sepreformer-separate: {message}", file=sys.stderr)
+    tell(f"sepreformer-separate: {message}")
 
 # %% ../chapters/13_separate.ipynb #bb2d6d3d
 def song_name(path: str | os.PathLike) -> str:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{song}: wrote {len(paths)} files to {paths['residual'].parent}")
     except (*user_errors(), FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        tell(f"error: {error}")
         return 2
     return 0
 

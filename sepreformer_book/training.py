@@ -32,7 +32,7 @@ from .checkpoints import (CheckpointError, checkpoint_root, complete_steps,
                                           save_checkpoint)
 from .choir import ensure_corpus, synthetic_corpus_root
 from .config import (JACAPPELLA_ENV, PROFILES, STEM_NAMES, CorpusError, Profile,
-                                     active_profile, atomic_write)
+                                     active_profile, atomic_write, tell)
 from .data import Augment, JaCappellaDataset, read_segment, training_iterator
 from .fit import History, OptimizerConfig, make_optimizer, train_loop
 from .losses import si_sdr
@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             start_distributed(**settings)  # before any other JAX call
         except DistributedError as error:
-            print(f"error: {error}", file=sys.stderr)
+            tell(f"error: {error}")
             return 2
     overrides = {
         f.name: getattr(args, f.name)
@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
         )
     except (CheckpointError, CorpusError, DistributedError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        tell(f"error: {error}")
         return 2
     if jax.process_index() != 0:
         return 0  # process 0 reports for the run

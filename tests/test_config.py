@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from sepreformer_book.config import PROFILES, active_profile, part_colour, peak_scale
+from sepreformer_book.config import MESSAGE_WIDTH, PROFILES, active_profile, part_colour, peak_scale, tell
 
 
 def test_default_profile_is_book(monkeypatch):
@@ -37,3 +37,13 @@ def test_peak_scale_keeps_relative_levels():
 def test_every_part_has_a_distinct_colour():
     parts = ["lead_vocal", "soprano", "alto", "tenor", "bass", "vocal_percussion", "mixture"]
     assert len({part_colour(p) for p in parts}) == len(parts)
+
+
+def test_tell_wraps_messages_at_the_page_width_and_keeps_paths_whole(capsys):
+    path = "/a/long/path/" + "x" * 40 + "/checkpoint"
+    tell(f"error: No checkpoint at {path}: train one with `python -m sepreformer_book.training` "
+         "or pass --checkpoint with the folder of an existing run.\nsecond line")
+    lines = capsys.readouterr().err.splitlines()
+    assert all(len(line) <= MESSAGE_WIDTH for line in lines), lines
+    assert any(path in line for line in lines) and lines[-1] == "second line"
+    assert all(line.startswith("  ") for line in lines[1:-1])  # continuation lines indented

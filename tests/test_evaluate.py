@@ -271,13 +271,13 @@ def test_main_reports_an_empty_split(tmp_path, fake_checkpoint, capsys):
     tone = np.full(RATE, 0.1, np.float32)
     root = make_corpus(tmp_path / "corpus", {"only": {"soprano": tone}}, test=[])
     assert evaluate.main(["--data", str(root), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     assert "'test' split" in err and "empty" in err
 
 
 def test_main_reports_a_missing_corpus(tmp_path, fake_checkpoint, capsys):
     assert evaluate.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     assert "does not exist" in err and "make-corpus" in err
 
 
@@ -285,7 +285,7 @@ def test_main_reports_a_missing_checkpoint(tiny_corpus, tmp_path, capsys):
     status = evaluate.main(["--checkpoint", str(tmp_path / "no-such-run"), "--data", str(tiny_corpus),
                             "--out", str(tmp_path / "out"), "--no-progress"])
     assert status == 2
-    assert "no-such-run" in capsys.readouterr().err
+    assert "no-such-run" in " ".join(capsys.readouterr().err.split())
 
 
 def test_dataset_errors_are_corpus_errors(tmp_path):
@@ -304,7 +304,7 @@ def test_a_missing_part_is_counted_and_strict_refuses_it(tiny_corpus, tmp_path, 
     assert "tenor in 1" in (out / "summary_test.md").read_text()
     status = evaluate.main(["--data", str(tiny_corpus), "--out", str(tmp_path / "strict"), "--no-progress", "--strict"])
     assert status == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     assert "no_tenor has no tenor.wav" in err and not (tmp_path / "strict").exists()
 
 

@@ -137,6 +137,19 @@ def long_code_lines(path: Path) -> list[str]:
             if len(line) > PAGE_WIDTH and not line.startswith("#|")]
 
 
+def long_output_lines(path: Path) -> list[str]:
+    """The lines of a notebook's printed and displayed text outputs longer than PAGE_WIDTH characters, named by
+    notebook and cell id: the page shows them cut off or behind a sideways scroll."""
+    notebook = nbformat.read(path, as_version=4)
+    long = []
+    for index, cell in enumerate(notebook.cells):
+        for output in cell.get("outputs", []):
+            text = output.get("text") or output.get("data", {}).get("text/plain", "")
+            long += [f"{path.name} cell {cell.get('id', index)}: {len(line)} characters: {line[:60]!r}..."
+                     for line in str(text).splitlines() if len(line) > PAGE_WIDTH]
+    return long
+
+
 def test_there_are_chapters():
     assert CHAPTERS, "chapters/ holds no notebooks"
 
@@ -153,6 +166,13 @@ def test_code_lines_fit_the_page(path):
                         f"e.g. with `ruff format --line-length {PAGE_WIDTH}`: {long}")
 
 
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_output_lines_fit_the_page(path):
+    long = long_output_lines(path)
+    assert long == [], (f"printed lines longer than {PAGE_WIDTH} characters (the rendered page's width); wrap them, "
+                        f"e.g. with textwrap.fill(text, {PAGE_WIDTH}), or split the print: {long}")
+
+
 def _book_files(entries) -> list[str]:
     """The files of a `book.chapters` or `book.appendices` list, in order: plain paths, and those of `part:` groups."""
     files = []
@@ -163,6 +183,11 @@ def _book_files(entries) -> list[str]:
             files += [entry["part"]] if str(entry.get("part", "")).endswith((".qmd", ".md", ".ipynb")) else []
             files += _book_files(entry.get("chapters"))
     return files
+
+
+def test_reference_lists_have_a_heading():
+    assert yaml.safe_load((ROOT / "_quarto.yml").read_text()).get("reference-section-title"), (
+        "set reference-section-title in _quarto.yml: without it a chapter's cited works follow its text unheaded")
 
 
 def test_quarto_lists_exactly_the_chapters():
@@ -273,6 +298,19 @@ def test_long_code_lines_are_caught(tmp_path):
     assert long_code_lines(_write(tmp_path, [title, fits, option, prose])) == []
     long = long_code_lines(_write(tmp_path, [title, fits, too_long]))
     assert len(long) == 1 and "99_probe.ipynb cell too-long line 2: 101 characters" in long[0], long
+
+
+def test_long_output_lines_are_caught(tmp_path):
+    title = nbformat.v4.new_markdown_cell("# Probe {#sec-probe}")
+    fits = nbformat.v4.new_code_cell("print('a' * 100)", execution_count=1)
+    fits.outputs = [nbformat.v4.new_output("stream", name="stdout", text="a" * PAGE_WIDTH + "\n")]
+    too_long = nbformat.v4.new_code_cell("print('a' * 101)", execution_count=2)
+    too_long.id = "too-long"
+    too_long.outputs = [nbformat.v4.new_output("execute_result", data={"text/plain": "b" * (PAGE_WIDTH + 1)},
+                                               execution_count=2)]
+    assert long_output_lines(_write(tmp_path, [title, fits])) == []
+    long = long_output_lines(_write(tmp_path, [title, fits, too_long]))
+    assert len(long) == 1 and "99_probe.ipynb cell too-long: 101 characters" in long[0], long
 
 
 def test_hygiene_catches_bare_directive(tmp_path):
