@@ -24,6 +24,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'sepreformer_book.choir.Singer': ('choir.html#singer', 'sepreformer_book/choir.py'),
                                         'sepreformer_book.choir._check_replaceable': ( 'choir.html#_check_replaceable',
                                                                                        'sepreformer_book/choir.py'),
+                                        'sepreformer_book.choir._ensure_synthetic_corpus': ( 'choir.html#_ensure_synthetic_corpus',
+                                                                                             'sepreformer_book/choir.py'),
                                         'sepreformer_book.choir._foreign_entries': ( 'choir.html#_foreign_entries',
                                                                                      'sepreformer_book/choir.py'),
                                         'sepreformer_book.choir._song_job': ('choir.html#_song_job', 'sepreformer_book/choir.py'),

@@ -933,6 +933,12 @@ def ensure_corpus(profile: Profile | None = None, seed: int = 0, progress: bool 
                 f"jaCappella corpus, or unset it to use the synthetic corpus."
             )
         return root
+    return _ensure_synthetic_corpus(profile, seed, progress)
+
+
+def _ensure_synthetic_corpus(profile: Profile, seed: int, progress: bool) -> Path:
+    """The synthetic corpus of `profile`, rendered first if it is missing or incomplete."""
+    root = synthetic_corpus_root(profile)
     if not is_complete_corpus(
         root,
         songs=profile.corpus_songs,
@@ -966,17 +972,7 @@ def ensure_held_out_corpus(
     Its tunes are the test split's, so they are unseen too; its singers come from factors that
     training never draws. Every song is in its test split."""
     profile = profile or active_profile()
-    training = synthetic_corpus_root(profile)
-    if not is_complete_corpus(
-        training,
-        songs=profile.corpus_songs,
-        seconds=profile.corpus_seconds,
-        seed=seed,
-        choir=asdict(TRAINING_CHOIR),
-    ):
-        make_corpus(
-            training, profile.corpus_songs, profile.corpus_seconds, seed=seed, progress=progress
-        )
+    training = _ensure_synthetic_corpus(profile, seed, progress)
     tests = json.loads((training / CORPUS_MARKER).read_text())["split"]["test"]
     root = held_out_corpus_root(profile)
     expected = dict(
