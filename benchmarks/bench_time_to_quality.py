@@ -7,9 +7,10 @@ The default budget and target suit the randomised choir, on which no recipe gets
     python benchmarks/bench_time_to_quality.py --speed-only        # steps/s, GFLOP/s and memory, no training to quality
 
 Each recipe runs in its own process (its peak memory is its own), one after the other, on the `book` corpus
-(the randomised choir's synthetic chorales, no augmentation; scored on fixed segments of its test split). The training clock excludes evaluation. The learning-rate schedule
-follows the budget: the first steps measure the speed, and the cosine decay is set to end when the budget does
-(if the probe underestimated the speed, training goes on at the final learning rate until the budget is spent).
+(the randomised choir's synthetic chorales, no augmentation; scored on fixed segments of its test split). The
+training clock excludes evaluation. The learning-rate schedule follows the budget: the first steps measure the
+speed, and the cosine decay is set to end when the budget does (if the probe underestimated the speed, training goes
+on at the final learning rate until the budget is spent).
 `--stop-minutes NAME=M` ends a recipe's run after M training minutes without shortening its schedule, so a recipe
 that is only watched until it passes the target still trains with the same schedule as the others.
 """
