@@ -15,6 +15,17 @@ Variants (the `book` model and run settings, batch 2 x 1 s, learning rate 2e-3, 
     wider               as augmented, with a wider model (dim 96, feed-forward 384): what capacity buys in the time
     deeper              as augmented, with a second reconstruction block (as the original tutorial)
 
+and what makes the randomised choir hard to learn, from the first renderer's side (no augmentation; legacy_choir.py's
+`simplify` holds today's renderer's factors as the first renderer did):
+
+    plain               today's voice model with every factor held: one timbre per part, steady singing, dry
+    plain-pulse         as plain, the harmonic source in sine phase (a pulse) instead of random phases
+    plain-pulse-formants  as plain-pulse, through the first renderer's three parallel formants, not the cascade
+    plain-timbre        as plain, but each singer's timbre drawn at random (sources, tract, tilt, colour, level)
+
+    python benchmarks/bench_generalisation.py --variants today,plain,plain-pulse,plain-pulse-formants,plain-timbre,\
+        randomised --budget-minutes 3 --save benchmarks/results/voice.json
+
 Each variant trains in its own process; the corpora of the variants that need their own are rendered once under
 data/bench-generalisation/. Every model is scored on whole songs of three test sets: the test split of the corpus it
 trained on, the randomised choir's test split, and the held-out-voices corpus (the same test chorales sung with a
@@ -26,8 +37,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from legacy_choir import PLAIN_SONGS
+
 # corpus: "legacy", or overrides of TRAINING_CHOIR; augment: None (off), or overrides of Augment(); model (optional):
-# overrides of the book's ModelConfig
+# overrides of the book's ModelConfig; voice (optional): arguments of legacy_choir.simplify
 VARIANTS = {
     "today": dict(corpus="legacy", augment=None),
     "randomised": dict(corpus={}, augment=None),
@@ -37,6 +50,10 @@ VARIANTS = {
     "one-source": dict(corpus={"sources": ["harmonic"]}, augment={}),
     "wider": dict(corpus={}, augment={}, model={"dim": 96, "ff_dim": 384}),
     "deeper": dict(corpus={}, augment={}, model={"num_rec_blocks": 2}),
+    "plain": dict(corpus=PLAIN_SONGS, augment=None, voice={}),
+    "plain-pulse": dict(corpus=PLAIN_SONGS, augment=None, voice={"pulses": True}),
+    "plain-pulse-formants": dict(corpus=PLAIN_SONGS, augment=None, voice={"pulses": True, "parallel_tract": True}),
+    "plain-timbre": dict(corpus=PLAIN_SONGS, augment=None, voice={"keep": ["timbre"]}),
 }
 DEFAULT_VARIANTS = ("today", "randomised", "augmented", "remixed", "dry", "one-source")
 
@@ -63,9 +80,11 @@ held_out_root = choir.ensure_held_out_corpus(profile, progress=False)
 if variant["corpus"] == {}:
     root = book_root
 else:
+    import legacy_choir
     root = choir.data_home() / "bench-generalisation" / (variant["corpus"] if variant["corpus"] == "legacy" else name)
+    if "voice" in variant:
+        legacy_choir.simplify(choir, **variant["voice"])  # the workers fork after this, so they sing this way
     if variant["corpus"] == "legacy":
-        import legacy_choir
         choir.render_song = legacy_choir.render_song  # the workers fork after this, so they sing the old way
         singers = replace(choir.TRAINING_CHOIR, vocal_percussion=0.0)
     else:
@@ -74,9 +93,10 @@ else:
     expected = dict(songs=profile.corpus_songs, seconds=profile.corpus_seconds, seed=0, choir=asdict(singers))
     if not choir.is_complete_corpus(root, **expected):
         choir.make_corpus(root, profile.corpus_songs, profile.corpus_seconds, seed=0, choir=singers, progress=False)
-        if variant["corpus"] == "legacy":  # say in its manifest which renderer sang it
+        if variant["corpus"] == "legacy" or "voice" in variant:  # say in its manifest which renderer sang it
             manifest = json.loads((root / choir.CORPUS_MARKER).read_text())
-            manifest["renderer"] = "benchmarks/legacy_choir.py"
+            manifest["renderer"] = "benchmarks/legacy_choir.py" + (
+                f" simplify({json.dumps(variant['voice'])})" if "voice" in variant else "")
             atomic_write(root / choir.CORPUS_MARKER, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 train_set = JaCappellaDataset(root, sample_rate=rate, split="train")
@@ -126,6 +146,22 @@ def run_variant(name: str, budget_s: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# (a, b, what a has and b has not): the steps from the first renderer to the randomised choir
+HARD_STEPS = (
+    ("today", "plain", "the first renderer's voice rather than today's (both plain)"),
+    ("plain-pulse", "plain", "a pulse rather than random harmonic phases"),
+    ("plain-pulse-formants", "plain-pulse", "three parallel formants rather than the cascade"),
+    ("plain", "plain-timbre", "one timbre per part rather than random timbre"),
+    ("plain", "randomised", "every factor held rather than randomised"),
+)
+
+
+def what_makes_it_hard(results: dict) -> dict[str, float]:
+    """For each step of HARD_STEPS whose two variants ran: own-test score of a minus that of b (dB)."""
+    own = {name: result["scores"]["own test"] for name, result in results.items()}
+    return {what: own[a] - own[b] for a, b, what in HARD_STEPS if a in own and b in own}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="training minutes per variant")
@@ -147,6 +183,11 @@ def main() -> None:
     print("|---|---|" + "---|" * len(labels))
     for name, result in results.items():
         print(f"| {name} | {result['steps']} | " + " | ".join(f"{result['scores'][k]:.2f}" for k in labels) + " |")
+    hard = what_makes_it_hard(results)
+    if hard:
+        print("\nwhat makes the corpus hard to learn (on each variant's own test songs):")
+        for what, gain in hard.items():
+            print(f"  {what}: {gain:+.2f} dB")
     base = results.get("augmented")
     if base:
         print("\nwhat each factor buys on held-out voices (the variant with it minus the one without):")
@@ -162,7 +203,8 @@ def main() -> None:
     if args.save:
         from sepreformer_book.config import atomic_write
 
-        payload = {"budget_minutes": args.budget_minutes, "variants": VARIANTS, "results": results}
+        payload = {"budget_minutes": args.budget_minutes, "variants": {name: VARIANTS[name] for name in names},
+                   "results": results, "what makes it hard": hard}
         atomic_write(args.save, lambda f: f.write(json.dumps(payload, indent=1).encode()))
 
 

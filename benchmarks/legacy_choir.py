@@ -1,7 +1,10 @@
-"""The synthetic choir's renderer as it was before domain randomisation (sepreformer_book/choir.py at commit
-b4236f7): one timbre per part, lightly perturbed per song; dry; one source family. bench_generalisation.py renders
-"today's recipe" corpus with it, to compare against the randomised choir side by side."""
-from dataclasses import dataclass
+"""The synthetic choir's renderer as it was before domain randomisation, and the randomised renderer with its factors
+switched back, for bench_generalisation.py to compare side by side.
+
+`render_song`: sepreformer_book/choir.py at commit b4236f7: one timbre per part, lightly perturbed per song; dry; one
+source family (a harmonic sum in sine phase, through three parallel formants). bench_generalisation.py renders
+"today's recipe" corpus with it. `simplify`: today's renderer with the factors it names held as that one did."""
+from dataclasses import dataclass, replace
 
 import numpy as np
 from jaxtyping import Float
@@ -204,3 +207,72 @@ def render_song(voices: dict[str, list[Note]], seconds: float, sample_rate: int,
     peak = np.abs(sum(parts.values())).max()
     scale = rng.uniform(0.4, 0.9) / max(peak, 1e-9)  # per-song loudness, never clipping
     return {name: np.round(part * fade * scale * 32767).astype(np.int16) for name, part in parts.items()}
+
+
+# Per part as in VOICE_DEFAULTS: tract scale, source tilt, vibrato Hz, vibrato cents, singer's formant (dB), level (dB),
+# spread of onsets (s)
+PLAIN_SINGERS = {
+    "soprano": (1.17, 1.25, 5.6, 22.0, -20.0, -2.0, 0.012),
+    "alto": (1.10, 1.30, 5.3, 18.0, -20.0, -3.0, 0.012),
+    "tenor": (1.00, 1.15, 5.4, 20.0, -10.0, -3.0, 0.012),
+    "bass": (0.92, 1.05, 5.0, 16.0, -10.0, -1.0, 0.012),
+    "lead_vocal": (1.05, 0.85, 6.0, 45.0, -16.0, 2.0, 0.04),
+}
+# Choir overrides that hold the song-level factors as the first renderer did: dry, no vocal percussion, its tempi
+# and keys
+PLAIN_SONGS = {"dry_fraction": 1.0, "vocal_percussion": 0.0, "bpm": [66, 96], "transpose": [-3, 3]}
+SINGER_FACTORS = ("timbre", "expressive", "aperiodic", "eq", "rubato")
+
+
+def simplify(choir, keep: tuple[str, ...] = (), pulses: bool = False, parallel_tract: bool = False) -> None:
+    """Hold the singer factors of `choir` (the module) that `keep` does not name as the first renderer did: timbre
+    (one harmonic source, tract scale and tilt per part, perturbed as there), expressive (vibrato, glides, scoops,
+    attacks, timing), aperiodic (jitter, shimmer, drift, breath, consonants), eq, rubato. `pulses`: the harmonic
+    family in sine phase (a pulse) rather than random phases; `parallel_tract`: the first renderer's three parallel
+    formants over a floor instead of the five-resonator cascade. Patches the module: call it before rendering, in
+    the process that renders."""
+    unknown = set(keep) - set(SINGER_FACTORS)
+    if unknown:
+        raise ValueError(f"simplify: unknown factors {sorted(unknown)}; choose from {SINGER_FACTORS}")
+    draw, equalise, time_map = choir.draw_singer, choir.equalise, choir.time_map
+    spectrum, tract = choir.source_spectrum, choir.tract_response
+
+    def draw_singer(part, singers, rng):
+        singer = draw(part, singers, rng)
+        scale, tilt, vibrato_hz, vibrato_cents, ring, level, timing = PLAIN_SINGERS[part]
+        near = lambda value, spread: value * float(rng.uniform(1 - spread, 1 + spread))
+        if "timbre" not in keep:
+            singer = replace(singer, source="harmonic", open_quotient=0.6, skew=near(tilt, 0.12),
+                             tract_scale=near(scale, 0.05), bandwidth_scale=1.0, ring_db=ring, brightness_db=0.0,
+                             level_db=level + float(rng.uniform(-3, 3)))
+        if "expressive" not in keep:
+            singer = replace(singer, vibrato_hz=near(vibrato_hz, 0.12), vibrato_cents=near(vibrato_cents, 0.3),
+                             vibrato_delay=0.0, glide_seconds=0.02, scoop=0.0, attack_seconds=0.035,
+                             timing_seconds=timing)
+        if "aperiodic" not in keep:
+            singer = replace(singer, jitter_cents=0.0, shimmer_db=0.0, drift_cents=6.0, breathiness=0.01,
+                             consonants=0.0)
+        return singer
+
+    def plain_equalise(part, sample_rate, brightness_db, rng):
+        coloured = equalise(part, sample_rate, brightness_db, rng)  # keeps the random stream as it was
+        return coloured if "eq" in keep else part
+
+    def steady_time_map(voices, seconds_per_quarter, fermata_stretch=1.8, rubato=0.0, rng=None):
+        return time_map(voices, seconds_per_quarter, fermata_stretch, rubato if "rubato" in keep else 0.0, rng)
+
+    def pulse_spectrum(singer, harmonics):
+        if singer.source == "harmonic" and pulses:
+            return (np.arange(1, harmonics + 1) ** -singer.skew).astype(np.complex128)
+        return spectrum(singer, harmonics)
+
+    def parallel_formants(freqs, formants, bandwidths):
+        if not parallel_tract:
+            return tract(freqs, formants, bandwidths)
+        gains, widths = FORMANT_GAINS, np.array([90.0, 110.0, 160.0])
+        f = freqs[..., None]
+        peaks = gains / np.sqrt(1.0 + ((f - formants[..., None, :3]) / (0.5 * widths)) ** 2)
+        return (10 * (0.03 + peaks.sum(-1))).astype(np.float32)
+
+    choir.draw_singer, choir.equalise, choir.time_map = draw_singer, plain_equalise, steady_time_map
+    choir.source_spectrum, choir.tract_response = pulse_spectrum, parallel_formants

@@ -126,6 +126,34 @@ def test_source_families_differ_and_are_normalised():
         choir.source_spectrum(dataclasses.replace(singer, source="whistle"), 4)
 
 
+def test_benchmark_simplify_holds_what_it_names(monkeypatch):
+    """benchmarks/legacy_choir.simplify, which the generalisation benchmark's plain variants render with, holds the
+    singer factors it is not told to keep, and swaps the source and tract only when asked."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import legacy_choir
+
+    for name in ("draw_singer", "equalise", "time_map", "source_spectrum", "tract_response"):
+        monkeypatch.setattr(choir, name, getattr(choir, name))  # restored after the test
+    drawn = lambda part, seed: choir.draw_singer(part, choir.TRAINING_CHOIR, np.random.default_rng(seed))
+    randomised = [drawn("bass", seed) for seed in range(6)]
+    freqs, formants = np.array([100.0, 1000.0, 3900.0]), np.array([730.0, 1150.0, 2600.0, 3400.0, 4100.0])
+    cascade = choir.tract_response(freqs, formants, choir.FORMANT_BANDWIDTHS)
+    with pytest.raises(ValueError, match="unknown factors"):
+        legacy_choir.simplify(choir, keep=("vowels",))
+    legacy_choir.simplify(choir, keep=("expressive",))
+    plain = [drawn("bass", seed) for seed in range(6)]
+    assert {s.source for s in plain} == {"harmonic"} and {s.brightness_db for s in plain} == {0.0}
+    assert all(0.92 * 0.95 <= s.tract_scale <= 0.92 * 1.05 for s in plain)
+    assert {s.jitter_cents for s in plain} == {0.0} and {s.consonants for s in plain} == {0.0}
+    assert [s.vibrato_delay for s in plain] == [s.vibrato_delay for s in randomised]  # kept: drawn as before
+    assert np.any(choir.source_spectrum(plain[0], 8).imag != 0)  # random phases, as the randomised choir
+    assert np.allclose(choir.tract_response(freqs, formants, choir.FORMANT_BANDWIDTHS), cascade)
+    legacy_choir.simplify(choir, pulses=True, parallel_tract=True)
+    assert np.all(choir.source_spectrum(drawn("alto", 0), 8).imag == 0)  # sine phase: a pulse
+    parallel = choir.tract_response(freqs, formants, choir.FORMANT_BANDWIDTHS)
+    assert parallel[-1] / parallel[0] > 4 * cascade[-1] / cascade[0]  # a floor, not the cascade's roll-off
+
+
 def test_timbre_ranges_overlap_between_neighbouring_parts():
     order = ("bass", "tenor", "alto", "soprano")
     for low, high in zip(order, order[1:]):
