@@ -26,6 +26,13 @@ and what makes the randomised choir hard to learn, from the first renderer's sid
     python benchmarks/bench_generalisation.py --variants today,plain,plain-pulse,plain-pulse-formants,plain-timbre,\
         randomised --budget-minutes 3 --save benchmarks/results/voice.json
 
+and whether the book's learning rate suits the randomised choir (no augmentation, as randomised):
+
+    lr-1e-3, lr-4e-3, lr-8e-3   as randomised, with this peak learning rate instead of 2e-3
+
+    python benchmarks/bench_generalisation.py --variants randomised,lr-1e-3,lr-4e-3,lr-8e-3 --budget-minutes 3 \
+        --save benchmarks/results/learning_rate.json
+
 Each variant trains in its own process; the corpora of the variants that need their own are rendered once under
 data/bench-generalisation/. Every model is scored on whole songs of three test sets: the test split of the corpus it
 trained on, the randomised choir's test split, and the held-out-voices corpus (the same test chorales sung with a
@@ -40,7 +47,8 @@ from pathlib import Path
 from legacy_choir import PLAIN_SONGS
 
 # corpus: "legacy", or overrides of TRAINING_CHOIR; augment: None (off), or overrides of Augment(); model (optional):
-# overrides of the book's ModelConfig; voice (optional): arguments of legacy_choir.simplify
+# overrides of the book's ModelConfig; voice (optional): arguments of legacy_choir.simplify; run (optional): overrides
+# of the book profile's run settings (learning_rate, warmup_steps)
 VARIANTS = {
     "today": dict(corpus="legacy", augment=None),
     "randomised": dict(corpus={}, augment=None),
@@ -54,6 +62,9 @@ VARIANTS = {
     "plain-pulse": dict(corpus=PLAIN_SONGS, augment=None, voice={"pulses": True}),
     "plain-pulse-formants": dict(corpus=PLAIN_SONGS, augment=None, voice={"pulses": True, "parallel_tract": True}),
     "plain-timbre": dict(corpus=PLAIN_SONGS, augment=None, voice={"keep": ["timbre"]}),
+    "lr-1e-3": dict(corpus={}, augment=None, run={"learning_rate": 1e-3}),
+    "lr-4e-3": dict(corpus={}, augment=None, run={"learning_rate": 4e-3}),
+    "lr-8e-3": dict(corpus={}, augment=None, run={"learning_rate": 8e-3}),
 }
 DEFAULT_VARIANTS = ("today", "randomised", "augmented", "remixed", "dry", "one-source")
 
@@ -74,7 +85,7 @@ from sepreformer_book.model import SepReformer, model_config_for
 name, variant, budget_s = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[4])
 profile = PROFILES["book"]
 config = replace(model_config_for("book"), **variant.get("model", {}))
-rate, run = config.sample_rate, profile.run
+rate, run = config.sample_rate, {**profile.run, **variant.get("run", {})}
 book_root = choir.ensure_corpus(profile, progress=False)
 held_out_root = choir.ensure_held_out_corpus(profile, progress=False)
 if variant["corpus"] == {}:
