@@ -33,6 +33,14 @@ and whether the book's learning rate suits the randomised choir (no augmentation
     python benchmarks/bench_generalisation.py --variants randomised,lr-1e-3,lr-4e-3,lr-8e-3 --budget-minutes 3 \
         --save benchmarks/results/learning_rate.json
 
+and what the batch's shape buys (no augmentation, as randomised):
+
+    segment-2s          one 2-s segment a step instead of two 1-s ones: the same audio, twice the context
+    batch-4             four 1-s segments a step: twice the audio, slower steps
+
+    python benchmarks/bench_generalisation.py --variants randomised,segment-2s,batch-4 --budget-minutes 3 \
+        --save benchmarks/results/batch.json
+
 Each variant trains in its own process; the corpora of the variants that need their own are rendered once under
 data/bench-generalisation/. Every model is scored on whole songs of three test sets: the test split of the corpus it
 trained on, the randomised choir's test split, and the held-out-voices corpus (the same test chorales sung with a
@@ -48,7 +56,7 @@ from legacy_choir import PLAIN_SONGS
 
 # corpus: "legacy", or overrides of TRAINING_CHOIR; augment: None (off), or overrides of Augment(); model (optional):
 # overrides of the book's ModelConfig; voice (optional): arguments of legacy_choir.simplify; run (optional): overrides
-# of the book profile's run settings (learning_rate, warmup_steps)
+# of the book profile's run settings (learning_rate, warmup_steps, batch_size, segment_seconds)
 VARIANTS = {
     "today": dict(corpus="legacy", augment=None),
     "randomised": dict(corpus={}, augment=None),
@@ -65,6 +73,8 @@ VARIANTS = {
     "lr-1e-3": dict(corpus={}, augment=None, run={"learning_rate": 1e-3}),
     "lr-4e-3": dict(corpus={}, augment=None, run={"learning_rate": 4e-3}),
     "lr-8e-3": dict(corpus={}, augment=None, run={"learning_rate": 8e-3}),
+    "segment-2s": dict(corpus={}, augment=None, run={"batch_size": 1, "segment_seconds": 2.0}),
+    "batch-4": dict(corpus={}, augment=None, run={"batch_size": 4}),
 }
 DEFAULT_VARIANTS = ("today", "randomised", "augmented", "remixed", "dry", "one-source")
 
@@ -85,7 +95,9 @@ from sepreformer_book.model import SepReformer, model_config_for
 name, variant, budget_s = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[4])
 profile = PROFILES["book"]
 config = replace(model_config_for("book"), **variant.get("model", {}))
-rate, run = config.sample_rate, {**profile.run, **variant.get("run", {})}
+rate = config.sample_rate
+run = {"batch_size": profile.batch_size, "segment_seconds": profile.segment_seconds, **profile.run,
+       **variant.get("run", {})}
 book_root = choir.ensure_corpus(profile, progress=False)
 held_out_root = choir.ensure_held_out_corpus(profile, progress=False)
 if variant["corpus"] == {}:
@@ -111,7 +123,7 @@ else:
             atomic_write(root / choir.CORPUS_MARKER, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 train_set = JaCappellaDataset(root, sample_rate=rate, split="train")
-batch_size, segment = profile.batch_size, int(profile.segment_seconds * rate)
+batch_size, segment = run["batch_size"], int(run["segment_seconds"] * rate)
 augment = None if variant["augment"] is None else Augment(**variant["augment"])
 
 def fresh(optimizer):
