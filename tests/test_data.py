@@ -154,6 +154,21 @@ def test_benchmark_simplify_holds_what_it_names(monkeypatch):
     assert parallel[-1] / parallel[0] > 4 * cascade[-1] / cascade[0]  # a floor, not the cascade's roll-off
 
 
+def test_benchmark_reads_what_makes_the_choir_hard_from_the_variants_that_ran(monkeypatch):
+    """bench_generalisation's differences are own-test score of one variant minus another's, only where both ran, and
+    every variant it names exists."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_generalisation as bench
+
+    assert {name for a, b, _ in bench.HARD_STEPS for name in (a, b)} <= set(bench.VARIANTS)
+    scored = lambda own: {"steps": 1, "scores": {"own test": own}}
+    hard = bench.what_makes_it_hard({"plain": scored(1.0), "plain-pulse": scored(1.5), "today": scored(4.0)})
+    assert hard == {"the first renderer's voice rather than today's (both plain)": 3.0,
+                    "a pulse rather than random harmonic phases": 0.5}
+    assert all(set(v.get("run", {})) <= {"learning_rate", "warmup_steps", "batch_size", "segment_seconds"}
+               for v in bench.VARIANTS.values())
+
+
 def test_timbre_ranges_overlap_between_neighbouring_parts():
     order = ("bass", "tenor", "alto", "soprano")
     for low, high in zip(order, order[1:]):
