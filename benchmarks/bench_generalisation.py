@@ -26,6 +26,11 @@ and what makes the randomised choir hard to learn, from the first renderer's sid
     python benchmarks/bench_generalisation.py --variants today,plain,plain-pulse,plain-pulse-formants,plain-timbre,\
         randomised --budget-minutes 3 --save benchmarks/results/voice.json
 
+    randomised-formants the randomised choir, every factor drawn, but through the first renderer's parallel formants
+
+    python benchmarks/bench_generalisation.py --variants randomised,randomised-formants --budget-minutes 3 \
+        --save benchmarks/results/formants.json
+
 and whether the book's learning rate suits the randomised choir (no augmentation, as randomised):
 
     lr-1e-3, lr-4e-3, lr-8e-3   as randomised, with this peak learning rate instead of 2e-3
@@ -52,7 +57,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from legacy_choir import PLAIN_SONGS
+from legacy_choir import PLAIN_SONGS, SINGER_FACTORS
 
 # corpus: "legacy", or overrides of TRAINING_CHOIR; augment: None (off), or overrides of Augment(); model (optional):
 # overrides of the book's ModelConfig; voice (optional): arguments of legacy_choir.simplify; run (optional): overrides
@@ -70,6 +75,7 @@ VARIANTS = {
     "plain-pulse": dict(corpus=PLAIN_SONGS, augment=None, voice={"pulses": True}),
     "plain-pulse-formants": dict(corpus=PLAIN_SONGS, augment=None, voice={"pulses": True, "parallel_tract": True}),
     "plain-timbre": dict(corpus=PLAIN_SONGS, augment=None, voice={"keep": ["timbre"]}),
+    "randomised-formants": dict(corpus={}, augment=None, voice={"keep": list(SINGER_FACTORS), "parallel_tract": True}),
     "lr-1e-3": dict(corpus={}, augment=None, run={"learning_rate": 1e-3}),
     "lr-4e-3": dict(corpus={}, augment=None, run={"learning_rate": 4e-3}),
     "lr-8e-3": dict(corpus={}, augment=None, run={"learning_rate": 8e-3}),
@@ -100,7 +106,7 @@ run = {"batch_size": profile.batch_size, "segment_seconds": profile.segment_seco
        **variant.get("run", {})}
 book_root = choir.ensure_corpus(profile, progress=False)
 held_out_root = choir.ensure_held_out_corpus(profile, progress=False)
-if variant["corpus"] == {}:
+if variant["corpus"] == {} and "voice" not in variant:
     root = book_root
 else:
     import legacy_choir
@@ -176,6 +182,7 @@ HARD_STEPS = (
     ("plain-pulse-formants", "plain-pulse", "three parallel formants rather than the cascade"),
     ("plain", "plain-timbre", "one timbre per part rather than random timbre"),
     ("plain", "randomised", "every factor held rather than randomised"),
+    ("randomised-formants", "randomised", "parallel formants rather than the cascade (all randomised)"),
 )
 
 
