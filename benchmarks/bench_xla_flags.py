@@ -51,14 +51,10 @@ if sys.argv[1] == "bf16":  # the dual-path blocks look both functions up at call
     def product(x, w):
         return jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
-    def apply_rowwise(layer, x):
+    def apply_rowwise(layer, x):  # a Sequential recurses through the module's name, so reaches this one
         if isinstance(layer, eqx.nn.Linear):
             y = product(x, layer.weight.T)
             return y if layer.bias is None else y + layer.bias
-        if isinstance(layer, eqx.nn.Sequential):
-            for sublayer in layer.layers:
-                x = apply_rowwise(sublayer, x)
-            return x
         return rowwise(layer, x)
 
     def project_qkv(attn, x):
@@ -97,7 +93,8 @@ for line in sys.stdin:
 
 def start(name: str) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG_SETS[name]).strip())
-    return subprocess.Popen([sys.executable, "-c", WORKER, "bf16" if name in BF16_CASES else "float32"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    precision = "bf16" if name in BF16_CASES else "float32"
+    return subprocess.Popen([sys.executable, "-c", WORKER, precision], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -209,14 +209,14 @@ def render_song(voices: dict[str, list[Note]], seconds: float, sample_rate: int,
     return {name: np.round(part * fade * scale * 32767).astype(np.int16) for name, part in parts.items()}
 
 
-# Per part as in VOICE_DEFAULTS: tract scale, source tilt, vibrato Hz, vibrato cents, singer's formant (dB), level (dB),
-# spread of onsets (s)
-PLAIN_SINGERS = {
-    "soprano": (1.17, 1.25, 5.6, 22.0, -20.0, -2.0, 0.012),
-    "alto": (1.10, 1.30, 5.3, 18.0, -20.0, -3.0, 0.012),
-    "tenor": (1.00, 1.15, 5.4, 20.0, -10.0, -3.0, 0.012),
-    "bass": (0.92, 1.05, 5.0, 16.0, -10.0, -1.0, 0.012),
-    "lead_vocal": (1.05, 0.85, 6.0, 45.0, -16.0, 2.0, 0.04),
+# What VOICE_DEFAULTS does not hold, per part, in the randomised renderer's terms: singer's formant (dB) and spread
+# of onsets (s)
+PLAIN_RING_AND_TIMING = {
+    "soprano": (-20.0, 0.012),
+    "alto": (-20.0, 0.012),
+    "tenor": (-10.0, 0.012),
+    "bass": (-10.0, 0.012),
+    "lead_vocal": (-16.0, 0.04),
 }
 # Choir overrides that hold the song-level factors as the first renderer did: dry, no vocal percussion, its tempi
 # and keys
@@ -239,14 +239,15 @@ def simplify(choir, keep: tuple[str, ...] = (), pulses: bool = False, parallel_t
 
     def draw_singer(part, singers, rng):
         singer = draw(part, singers, rng)
-        scale, tilt, vibrato_hz, vibrato_cents, ring, level, timing = PLAIN_SINGERS[part]
+        voice, (ring, timing) = VOICE_DEFAULTS[part], PLAIN_RING_AND_TIMING[part]
         near = lambda value, spread: value * float(rng.uniform(1 - spread, 1 + spread))
         if "timbre" not in keep:
-            singer = replace(singer, source="harmonic", open_quotient=0.6, skew=near(tilt, 0.12),
-                             tract_scale=near(scale, 0.05), bandwidth_scale=1.0, ring_db=ring, brightness_db=0.0,
-                             level_db=level + float(rng.uniform(-3, 3)))
+            singer = replace(singer, source="harmonic", open_quotient=0.6, skew=near(voice.tilt, 0.12),
+                             tract_scale=near(voice.formant_scale, 0.05), bandwidth_scale=1.0, ring_db=ring,
+                             brightness_db=0.0, level_db=voice.gain_db + float(rng.uniform(-3, 3)))
         if "expressive" not in keep:
-            singer = replace(singer, vibrato_hz=near(vibrato_hz, 0.12), vibrato_cents=near(vibrato_cents, 0.3),
+            singer = replace(singer, vibrato_hz=near(voice.vibrato_hz, 0.12),
+                             vibrato_cents=near(voice.vibrato_cents, 0.3),
                              vibrato_delay=0.0, glide_seconds=0.02, scoop=0.0, attack_seconds=0.035,
                              timing_seconds=timing)
         if "aperiodic" not in keep:
@@ -269,10 +270,8 @@ def simplify(choir, keep: tuple[str, ...] = (), pulses: bool = False, parallel_t
     def parallel_formants(freqs, formants, bandwidths):
         if not parallel_tract:
             return tract(freqs, formants, bandwidths)
-        gains, widths = FORMANT_GAINS, np.array([90.0, 110.0, 160.0])
-        f = freqs[..., None]
-        peaks = gains / np.sqrt(1.0 + ((f - formants[..., None, :3]) / (0.5 * widths)) ** 2)
-        return (10 * (0.03 + peaks.sum(-1))).astype(np.float32)
+        # the first renderer's resonances with its "a" bandwidths, scaled to the cascade's level
+        return 10 * formant_response(freqs, formants[..., :3], np.array(VOWELS["a"][1]))
 
     choir.draw_singer, choir.equalise, choir.time_map = draw_singer, plain_equalise, steady_time_map
     choir.source_spectrum, choir.tract_response = pulse_spectrum, parallel_formants
