@@ -51,6 +51,7 @@ bench: $(STAMP)
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; \
 	  if [[ $$script == *time_to_quality* ]]; then $(PY) $$script --speed-only; \
 	  elif [[ $$script == *generalisation* ]]; then echo "(training ablation: make bench-gen)"; \
+	  elif [[ $$script == *cues* ]]; then echo "(training ablation: see the script's docstring)"; \
 	  else $(PY) $$script; fi; done
 
 # About 65 minutes on a 2-core CPU; leave the machine otherwise idle. The speed appendix plots the saved file.

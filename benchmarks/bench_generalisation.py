@@ -167,12 +167,17 @@ print(json.dumps({"steps": steps, "seconds": clock, "scores": scores}))
 """
 
 
-def run_variant(name: str, budget_s: float) -> dict:
-    done = subprocess.run([sys.executable, "-c", CASE, name, json.dumps(VARIANTS[name]), str(Path(__file__).parent),
+def run_case(case: str, name: str, variant: dict, budget_s: float) -> dict:
+    """Train one variant in a fresh Python running `case` (its peak memory is its own); the JSON it prints last."""
+    done = subprocess.run([sys.executable, "-c", case, name, json.dumps(variant), str(Path(__file__).parent),
                            str(budget_s)], stdout=subprocess.PIPE, text=True)
     if done.returncode:
         raise SystemExit(f"variant {name} failed (exit {done.returncode}); see its error above")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_variant(name: str, budget_s: float) -> dict:
+    return run_case(CASE, name, VARIANTS[name], budget_s)
 
 
 # (a, b, what a has and b has not): the steps from the first renderer to the randomised choir
@@ -192,17 +197,27 @@ def what_makes_it_hard(results: dict) -> dict[str, float]:
     return {what: own[a] - own[b] for a, b, what in HARD_STEPS if a in own and b in own}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-minutes", type=float, default=10.0, help="training minutes per variant")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated, from {', '.join(VARIANTS)}")
+def variant_arguments(
+    description: str, variants: dict, default_variants: tuple[str, ...], budget_minutes: float
+) -> tuple[argparse.Namespace, list[str]]:
+    """The command line of a training ablation: --budget-minutes, --variants (checked against `variants`), --save."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--budget-minutes", type=float, default=budget_minutes, help="training minutes per variant")
+    parser.add_argument("--variants", default=",".join(default_variants),
+                        help=f"comma-separated, from {', '.join(variants)}")
     parser.add_argument("--save", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
-    names = args.variants.split(",")
-    unknown = [name for name in names if name not in VARIANTS]
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in variants]
     if unknown:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(variants)}")
+    if args.budget_minutes <= 0:
+        parser.error(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    return args, names
+
+
+def main() -> None:
+    args, names = variant_arguments(__doc__.splitlines()[0], VARIANTS, DEFAULT_VARIANTS, 10.0)
     results = {}
     for name in names:
         results[name] = run_variant(name, args.budget_minutes * 60)

@@ -169,6 +169,25 @@ def test_benchmark_reads_what_makes_the_choir_hard_from_the_variants_that_ran(mo
                for v in bench.VARIANTS.values())
 
 
+def test_benchmark_names_the_note_each_part_sings_at_each_frame(monkeypatch):
+    """bench_cues' note targets: the class of the note sounding at each encoder frame's centre, 0 where a part is
+    silent or missing, notes outside the range clipped to its ends."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_cues as bench
+
+    notes = {"soprano": [(0.0, 0.010, 60), (0.010, 0.020, 120.0)], "bass": [(0.012, 1.0, 10)]}
+    # frames of 32 samples every 16 at 8 kHz from sample 16: centres at 4, 6, 8, ... ms
+    classes = bench.note_classes(notes, ("soprano", "alto", "bass"), 16, 10, 32, 16, 8000)
+    centres_ms = 4 + 2 * np.arange(10)
+    low, high = bench.LOWEST_NOTE, bench.HIGHEST_NOTE
+    assert classes.shape == (3, 10) and classes.dtype == np.int32
+    assert list(classes[0]) == [60 - low + 1 if c < 10 else high - low + 1 if c < 20 else 0 for c in centres_ms]
+    assert not classes[1].any()  # a part with no notes
+    assert list(classes[2]) == [1 if c >= 12 else 0 for c in centres_ms]  # below the range: the lowest class
+    assert classes.max() < bench.NOTE_CLASSES
+    assert set(bench.DEFAULT_VARIANTS) <= set(bench.VARIANTS)
+
+
 def test_timbre_ranges_overlap_between_neighbouring_parts():
     order = ("bass", "tenor", "alto", "soprano")
     for low, high in zip(order, order[1:]):
