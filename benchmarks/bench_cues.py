@@ -22,7 +22,6 @@ All variants read the same segments in the same order (a NumPy stream, seed 0); 
 and decays over the steps a short speed probe says the budget holds. Each variant runs in its own process.
 """
 
-import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -81,7 +80,7 @@ def _sing_again(job: tuple[str, str]) -> tuple[str, dict, bool]:
         return render_voice(notes, *args, **kwargs)
 
     path = {p.stem: p for p in choir.chorale_paths()}[name]
-    rng = np.random.default_rng([manifest["seed"], int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)])
+    rng = choir.song_rng(manifest["seed"], name)
     choir.render_voice = listening  # render_song looks it up when it is called
     try:
         parts = choir.render_song(choir.read_chorale(path), manifest["seconds"], manifest["sample_rate"], rng,

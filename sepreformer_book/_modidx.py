@@ -56,6 +56,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'sepreformer_book.choir.render_voice': ('choir.html#render_voice', 'sepreformer_book/choir.py'),
                                         'sepreformer_book.choir.room_response': ('choir.html#room_response', 'sepreformer_book/choir.py'),
                                         'sepreformer_book.choir.smooth': ('choir.html#smooth', 'sepreformer_book/choir.py'),
+                                        'sepreformer_book.choir.song_rng': ('choir.html#song_rng', 'sepreformer_book/choir.py'),
                                         'sepreformer_book.choir.source_spectrum': ( 'choir.html#source_spectrum',
                                                                                     'sepreformer_book/choir.py'),
                                         'sepreformer_book.choir.split_by_family': ( 'choir.html#split_by_family',

@@ -6,9 +6,9 @@ __all__ = ['CORPUS_MARKER', 'SYNTH_SUBSET', 'CORPUS_VERSION', 'CHORALE_VOICES', 
            'HELD_OUT_SEED_OFFSET', 'Note', 'chorale_paths', 'read_chorale', 'tune_family', 'Choir', 'Singer',
            'draw_singer', 'source_spectrum', 'tract_response', 'smooth', 'noise_band', 'pitch_contour',
            'loudness_contour', 'vowel_formants', 'harmonic_sum', 'render_voice', 'time_map', 'lead_line', 'beatbox',
-           'equalise', 'room_response', 'render_song', 'split_by_family', 'make_corpus', 'is_complete_corpus',
-           'data_home', 'synthetic_corpus_root', 'default_corpus_root', 'ensure_corpus', 'held_out_corpus_root',
-           'ensure_held_out_corpus', 'main']
+           'equalise', 'room_response', 'render_song', 'song_rng', 'split_by_family', 'make_corpus',
+           'is_complete_corpus', 'data_home', 'synthetic_corpus_root', 'default_corpus_root', 'ensure_corpus',
+           'held_out_corpus_root', 'ensure_held_out_corpus', 'main']
 
 # %% ../chapters/01_choir.ipynb #ch01-imports
 """The synthetic choir: Bach chorales sung by modelled voices, written as a corpus in jaCappella's
@@ -685,6 +685,12 @@ def render_song(
     }
 
 # %% ../chapters/01_choir.ipynb #da9a9899
+def song_rng(seed: int, name: str) -> np.random.Generator:
+    """The random stream that sings song `name` of a corpus made with `seed`: the same whatever
+    the order or the process the songs are sung in, so one song can be sung again alone."""
+    return np.random.default_rng([seed, int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)])
+
+
 def _song_job(job: tuple[Path, int, float, int, Choir, Path]) -> dict | None:
     """Worker: read one chorale, sing it and write its parts and mixture; None if it is not a
     four-part chorale."""
@@ -692,8 +698,7 @@ def _song_job(job: tuple[Path, int, float, int, Choir, Path]) -> dict | None:
     voices = read_chorale(path)
     if voices is None:
         return None
-    rng = np.random.default_rng([seed, int(hashlib.sha1(path.stem.encode()).hexdigest()[:8], 16)])
-    parts = render_song(voices, seconds, sample_rate, rng, choir)
+    parts = render_song(voices, seconds, sample_rate, song_rng(seed, path.stem), choir)
     song_dir = out / SYNTH_SUBSET / path.stem
     song_dir.mkdir(parents=True, exist_ok=True)
     for name, audio in parts.items():

@@ -12,6 +12,7 @@ __all__ = ['MIXTURE_NAME', 'MIXTURE_TOLERANCE_DB', 'SILENCE_DB', 'find_songs', '
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -264,6 +265,9 @@ def _missing_parts(
     return {s: parts for s, parts in missing.items() if parts}
 
 # %% ../chapters/02_data.ipynb #8e0a0779
+_OPENING = threading.Lock()  # grain's reader threads open songs concurrently
+
+
 class JaCappellaDataset:
     """Songs of a jaCappella-layout corpus (real or synthetic), decoded once and read as
     memory-mapped segments.
@@ -372,7 +376,9 @@ class JaCappellaDataset:
         """The cached (parts, samples) array of a song, memory-mapped: reading a slice touches only
         that slice."""
         if ref.cache_file not in self._open:
-            self._open[ref.cache_file] = np.load(ref.cache_file, mmap_mode="r")
+            with _OPENING:  # np.load parses the header with ast, which is not thread-safe
+                if ref.cache_file not in self._open:
+                    self._open[ref.cache_file] = np.load(ref.cache_file, mmap_mode="r")
         return self._open[ref.cache_file]
 
     def present(self, index: int) -> np.ndarray:

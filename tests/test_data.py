@@ -3,9 +3,11 @@
 import dataclasses
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -381,6 +383,38 @@ def test_training_iterator_prefetches_batches(train):
     assert np.array_equal(batches[0]["mixture"], first["mixture"])
     moved = data.batch_to_jax(batches[0])
     assert moved["stems"].shape == (2, 5, 1000)
+
+
+def test_songs_are_opened_one_at_a_time_and_once(train, monkeypatch):
+    """grain's reader threads call `audio` concurrently; np.load's header parser is not
+    thread-safe (CPython 3.11's ast raised SystemError under that race), so opening is serialised."""
+    inside, most, load = [0], [0], np.load
+
+    def slow_load(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.02)  # widen the window in which a second thread could enter
+        inside[0] -= 1
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(data.np, "load", slow_load)
+    fresh = pickle.loads(pickle.dumps(train))  # no song open yet, as in a new worker
+    start = threading.Barrier(8)
+    opened = [None] * 8
+
+    def reader(k):
+        start.wait()
+        opened[k] = fresh.audio(fresh[k % len(fresh)])
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    assert len(fresh._open) == len(fresh)
+    assert all(opened[k] is fresh._open[fresh[k % len(fresh)].cache_file] for k in range(8))
+    assert all(np.array_equal(opened[k], train.audio(train[k % len(train)])) for k in range(8))
 
 
 def test_cache_is_reused_and_invalidated(corpus, tmp_path):
