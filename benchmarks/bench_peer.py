@@ -8,9 +8,9 @@ Run:
 Needs PyTorch (`pip install -e ".[peer]"`; a CPU-only wheel is enough); without it the script says so and exits.
 
 Workloads (all from the same weights: the JAX model's, copied into the port):
-- book-train: one training step of the book preset, batch 2 x 1 s at 8 kHz: `sepreformer_book.fit.step` (jitted:
-  forward, composite loss, gradients, clipping, AdamW) against the port's step (forward + loss, backward, clipping,
-  torch's fused CPU AdamW);
+- book-train: one training step of the book preset, batch 2 x 1 s at 8 kHz: `sepreformer_book.fit.step` (two jitted
+  programs: forward and composite loss; gradients, clipping, AdamW) against the port's step (forward + loss,
+  backward, clipping, torch's fused CPU AdamW);
 - full-train: the same for the full preset, batch 1 x 0.25 s at 44.1 kHz;
 - forward-30s: the book model on one 30 s clip in one call (inference mode on the torch side);
 - song-5min: windowed separation of a 5-minute song: `sepreformer_book.inference.separate_long` with the book's
@@ -89,7 +89,8 @@ def train_workload(preset: str, batch_size: int, seconds: float) -> dict:
 
     def jax_step():
         state[0], state[1], metrics = fit.step(state[0], state[1], batch, optimizer)
-        return float(metrics["loss"])  # waits for the step
+        jax.block_until_ready(metrics)  # the gradient norm comes from the step's second program: waits for both
+        return float(metrics["loss"])
 
     return {"description": f"{preset} training step, batch {batch_size} x {seconds:g} s at {config.sample_rate} Hz",
             "kind": "loss", "runs": {"jax": jax_step, "eager": lambda: float(eager_step(torch_batch)["loss"]),

@@ -47,7 +47,7 @@ from sepreformer_book.config import active_profile
 from sepreformer_book.choir import ensure_corpus
 from sepreformer_book.data import JaCappellaDataset, training_iterator
 from sepreformer_book.model import PRESETS, SepReformer
-from sepreformer_book.fit import OptimizerConfig, make_optimizer, step
+from sepreformer_book.fit import OptimizerConfig, lower_step, make_optimizer, step
 from sepreformer_book.training import validate, validation_batches
 
 recipe, budget_s, eval_every_s, speed_only = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
@@ -69,7 +69,7 @@ batches = training_iterator(train_set, segment, batch_size, seed=0)
 probe_optimizer = make_optimizer(OptimizerConfig(learning_rate=recipe["learning_rate"]))
 model, state = fresh(probe_optimizer)
 batch = jax.device_put(next(batches))
-flops = step.lower(model, state, batch, probe_optimizer).compile().compiled.cost_analysis()["flops"]
+flops = sum(program.compile().cost_analysis()["flops"] for program in lower_step(model, state, batch, probe_optimizer))
 model, state, metrics = step(model, state, batch, probe_optimizer)
 jax.block_until_ready(metrics)
 start = time.perf_counter()

@@ -2,8 +2,8 @@
 
 # %% auto #0
 __all__ = ['TRACE_COUNTS', 'decay_mask', 'OptimizerConfig', 'learning_rate_schedule', 'make_optimizer', 'batch_loss',
-           'stem_si_sdr', 'step', 'separate_batch', 'log_audio_samples', 'log_scalars', 'History', 'mean_over_active',
-           'train_loop', 'overfit', 'event_tags']
+           'stem_si_sdr', 'step', 'lower_step', 'single_program_step', 'separate_batch', 'log_audio_samples',
+           'log_scalars', 'History', 'mean_over_active', 'train_loop', 'overfit', 'event_tags']
 
 # %% ../chapters/08_fit.ipynb #d98940cf
 """Optimizer, jitted training step, logging and the training loop (generated from
@@ -84,7 +84,7 @@ def _optimizer_for(config: OptimizerConfig) -> optax.GradientTransformation:
     )
 
 # %% ../chapters/08_fit.ipynb #13aee845
-TRACE_COUNTS: dict[str, int] = {"step": 0}
+TRACE_COUNTS: dict[str, int] = {"step": 0, "update": 0}
 
 
 def batch_loss(model: eqx.Module, batch: dict) -> tuple[Float[Array, ""], Float[Array, "B N T"]]:
@@ -103,12 +103,76 @@ def stem_si_sdr(estimates: Float[Array, "B N T"], batch: dict) -> Float[Array, "
     return jnp.sum(values * active, axis=0) / jnp.sum(active, axis=0)
 
 
-@eqx.filter_jit(donate="all")
+def _split(model: eqx.Module) -> tuple[PyTree, tuple]:
+    """The model's arrays, and the rest of it in a hashable form (the tree's structure and its
+    other leaves), which jit takes as a static argument."""
+    arrays, rest = eqx.partition(model, eqx.is_array)
+    leaves, structure = jax.tree.flatten(rest)
+    return arrays, (structure, tuple(leaves))
+
+
+def _join(arrays: PyTree, rest: tuple) -> eqx.Module:
+    structure, leaves = rest
+    return eqx.combine(arrays, jax.tree.unflatten(structure, leaves))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _forward_program(arrays: PyTree, batch: dict, rest: tuple):
+    """The first half of `step`: the loss, each part's SI-SDR, and the pullback that turns the
+    loss's gradient into the parameters' (it holds what the backward pass needs)."""
+    TRACE_COUNTS["step"] += 1
+    params, frozen = eqx.partition(arrays, eqx.is_inexact_array)
+    loss, pullback, estimates = jax.vjp(
+        lambda p: batch_loss(_join(eqx.combine(p, frozen), rest), batch), params, has_aux=True
+    )
+    return loss, stem_si_sdr(estimates, batch), pullback
+
+
+@functools.partial(jax.jit, static_argnums=4, donate_argnums=(0, 1))
+def _update_program(
+    arrays: PyTree, opt_state: PyTree, pullback, loss, optimizer: optax.GradientTransformation
+):
+    """The second half: the backward pass, then clipping and AdamW; the old parameters and
+    optimizer state are donated."""
+    TRACE_COUNTS["update"] += 1
+    (grads,) = pullback(jnp.ones_like(loss))
+    params, frozen = eqx.partition(arrays, eqx.is_inexact_array)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    arrays = eqx.combine(eqx.apply_updates(params, updates), frozen)
+    return arrays, opt_state, optax.tree.norm(grads)
+
+
 def step(
     model: eqx.Module, opt_state: PyTree, batch: dict, optimizer: optax.GradientTransformation
 ):
-    """One AdamW update on one batch: returns the new model, optimizer state and metrics."""
-    TRACE_COUNTS["step"] += 1
+    """One AdamW update on one batch: returns the new model, optimizer state and metrics.
+
+    Runs as two compiled programs, the forward pass and the update (see the text); the model's
+    arrays and the optimizer state are donated."""
+    arrays, rest = _split(model)
+    loss, per_part, pullback = _forward_program(arrays, batch, rest)
+    arrays, opt_state, grad_norm = _update_program(arrays, opt_state, pullback, loss, optimizer)
+    metrics = {"loss": loss, "si_sdr": per_part, "grad_norm": grad_norm}
+    return _join(arrays, rest), opt_state, metrics
+
+
+def lower_step(
+    model: eqx.Module, opt_state: PyTree, batch: dict, optimizer: optax.GradientTransformation
+) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+    """The two programs of `step` for these arguments, lowered (not compiled, nothing run): for
+    reading their operations or counting their FLOPs."""
+    arrays, rest = _split(model)
+    forward = _forward_program.lower(arrays, batch, rest)
+    loss, _, pullback = jax.eval_shape(_forward_program, arrays, batch, rest)
+    return forward, _update_program.lower(arrays, opt_state, pullback, loss, optimizer)
+
+
+@eqx.filter_jit(donate="all")
+def single_program_step(
+    model: eqx.Module, opt_state: PyTree, batch: dict, optimizer: optax.GradientTransformation
+):
+    """The same update as `step` compiled as one program, the plain way: the reference `step` is
+    tested against, and slower on XLA's CPU backend."""
     (loss, estimates), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(model, batch)
     updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
     model = eqx.apply_updates(model, updates)

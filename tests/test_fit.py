@@ -75,17 +75,53 @@ def test_make_optimizer_returns_one_object_per_config():
 
 def test_loss_falls_and_step_compiles_once(tiny_model):
     batch = harmonic_batch()
-    before = fit.TRACE_COUNTS["step"]
+    before, before_update = fit.TRACE_COUNTS["step"], fit.TRACE_COUNTS["update"]
     # A direct step with the default optimizer, then the loop: the loop must reuse the same compiled step.
     probe = SepReformer(PRESETS["ci"], key=jax.random.key(1))
     optimizer = make_optimizer()
     step(probe, optimizer.init(eqx.filter(probe, eqx.is_inexact_array)), batch, optimizer)
     _, _, history = overfit(tiny_model, batch, 12)
-    assert fit.TRACE_COUNTS["step"] - before == 1
+    assert fit.TRACE_COUNTS["step"] - before == 1 and fit.TRACE_COUNTS["update"] - before_update == 1
     assert history.loss[-1] < history.loss[0]
     assert np.isfinite(history.grad_norm).all()
     # The silent stem of item 0 is left out of that stem's SI-SDR; item 1 still counts.
     assert np.isfinite(np.stack(history.si_sdr)).all()
+
+
+def test_two_program_step_matches_the_single_program_step():
+    """`step` (forward program + update program) against the plain one-program step: same metrics
+    and parameters within float32 rounding, step after step."""
+    batch = harmonic_batch()
+    optimizer = make_optimizer()
+    runs = {}
+    for name, update in (("two", step), ("one", fit.single_program_step)):
+        model = SepReformer(PRESETS["ci"], key=jax.random.key(3))
+        state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        history = []
+        for _ in range(4):
+            model, state, metrics = update(model, state, batch, optimizer)
+            history.append({k: np.asarray(v) for k, v in metrics.items()})
+        runs[name] = (eqx.filter(model, eqx.is_array), state, history)
+    for a, b in zip(runs["two"][2], runs["one"][2]):
+        for key in ("loss", "si_sdr", "grad_norm"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for tree in (0, 1):
+        pairs = zip(jax.tree.leaves(runs["two"][tree]), jax.tree.leaves(runs["one"][tree]))
+        for x, y in pairs:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_lower_step_gives_the_forward_and_update_programs(tiny_model):
+    batch = {k: jnp.asarray(v) for k, v in harmonic_batch().items()}
+    optimizer = make_optimizer()
+    state = optimizer.init(eqx.filter(tiny_model, eqx.is_inexact_array))
+    forward, update = fit.lower_step(tiny_model, state, batch, optimizer)
+    forward_text, update_text = (p.as_text(dialect="hlo", debug_info=True) for p in (forward, update))
+    assert "jvp(vmap(sepreformer))" in forward_text and "transpose(jvp" not in forward_text
+    assert "transpose(jvp(vmap(sepreformer)))" in update_text
+    single = fit.single_program_step.lower(tiny_model, state, batch, optimizer).lowered
+    flops = [p.cost_analysis()["flops"] for p in (forward, update, single)]
+    assert min(flops) > 0 and flops[0] + flops[1] == pytest.approx(flops[2], rel=1e-5)  # the same work
 
 
 def test_schedule_warms_up_and_decays():
