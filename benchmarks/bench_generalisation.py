@@ -176,10 +176,6 @@ def run_case(case: str, name: str, variant: dict, budget_s: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_variant(name: str, budget_s: float) -> dict:
-    return run_case(CASE, name, VARIANTS[name], budget_s)
-
-
 # (a, b, what a has and b has not): the steps from the first renderer to the randomised choir
 HARD_STEPS = (
     ("today", "plain", "the first renderer's voice rather than today's (both plain)"),
@@ -220,7 +216,7 @@ def main() -> None:
     args, names = variant_arguments(__doc__.splitlines()[0], VARIANTS, DEFAULT_VARIANTS, 10.0)
     results = {}
     for name in names:
-        results[name] = run_variant(name, args.budget_minutes * 60)
+        results[name] = run_case(CASE, name, VARIANTS[name], args.budget_minutes * 60)
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     labels = list(next(iter(results.values()))["scores"])
     print(f"\nmean SI-SDRi over parts (dB) after {args.budget_minutes:g} training minutes each, whole test songs:\n")
