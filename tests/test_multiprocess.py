@@ -34,7 +34,7 @@ def finish(processes, timeout=300):
     return outputs
 
 
-def test_two_processes_train_resume_and_match_one_process(root, tmp_path):
+def test_two_processes_train_resume_and_match_one_process(root, tmp_path, capsys):
     out = tmp_path / "run"
     processes = start_local_processes(arguments(root, out))
     deadline = time.time() + 300
@@ -69,11 +69,10 @@ def test_two_processes_train_resume_and_match_one_process(root, tmp_path):
     one_loss = [r["loss"] for r in _read_jsonl(tmp_path / "alone" / "metrics.jsonl")]
     np.testing.assert_allclose([r["loss"] for r in logged], one_loss, rtol=1e-4)
 
-
-def test_resuming_with_another_number_of_processes_is_refused(root, tmp_path, capsys):
-    out = tmp_path / "run"
-    finish(start_local_processes(arguments(root, out, "--steps", str(EVERY))))
-    assert main(arguments(root, out, "--resume", "--steps", str(EVERY))) == 2
+    # the two-process run cannot be resumed by one process (checked here, on this run, rather than on a run of its
+    # own: starting two processes costs most of a minute of CI)
+    capsys.readouterr()
+    assert main(arguments(root, out, "--resume")) == 2
     assert "written by 2" in " ".join(capsys.readouterr().err.split())
 
 
