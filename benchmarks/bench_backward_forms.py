@@ -24,12 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_peer import noise_batch  # this folder is on sys.path when the script runs
+from bench_peer import TRAIN_BATCHES, noise_batch  # this folder is on sys.path when the script runs
 from sepreformer_book import dual_path, fit
 from sepreformer_book.model import PRESETS, SepReformer
-
-WORKLOADS = {"book": (2, 1.0), "full": (1, 0.25)}  # batch items x seconds, as in bench_peer.py
-
 
 @jax.custom_vjp
 def _dense(x, weight):
@@ -51,13 +48,10 @@ _plain_apply_rowwise = dual_path.apply_rowwise
 
 
 def _apply_rowwise_transposed_grad(layer, x):
+    """Installed as `dual_path.apply_rowwise`: the plain one's Sequential branch calls back into it by that name."""
     if isinstance(layer, eqx.nn.Linear):
         y = _dense(x, layer.weight)
         return y if layer.bias is None else y + layer.bias
-    if isinstance(layer, eqx.nn.Sequential):
-        for sublayer in layer.layers:
-            x = _apply_rowwise_transposed_grad(sublayer, x)
-        return x
     return _plain_apply_rowwise(layer, x)
 
 
@@ -125,10 +119,10 @@ def compiled_step(preset: str, variant: str, batch: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(WORKLOADS), default="full")
+    parser.add_argument("--preset", choices=sorted(TRAIN_BATCHES), default="full")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    batch_size, seconds = WORKLOADS[args.preset]
+    batch_size, seconds = TRAIN_BATCHES[args.preset]
     batch = noise_batch(PRESETS[args.preset], batch_size, seconds)
     runs, firsts = {}, {}
     for variant in VARIANTS:

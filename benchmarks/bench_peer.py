@@ -57,6 +57,7 @@ except ImportError:  # an optional peer: `make bench` runs every script, with or
 WORKLOADS = ("book-train", "full-train", "forward-30s", "song-5min")
 ROUNDS = {"book-train": 15, "full-train": 5, "forward-30s": 7, "song-5min": 3}
 QUICK_ROUNDS = {"book-train": 3, "full-train": 2, "forward-30s": 2, "song-5min": 1}
+TRAIN_BATCHES = {"book": (2, 1.0), "full": (1, 0.25)}  # each training workload's batch: items x seconds
 IMPLS = ("jax", "eager", "compile")
 LABELS = {"jax": "JAX (ours)", "eager": "torch eager", "compile": "torch.compile"}
 
@@ -144,9 +145,9 @@ def song_workload(seconds: float = 300.0) -> dict:
 
 def make_workload(name: str) -> dict:
     if name == "book-train":
-        return train_workload("book", 2, 1.0)
+        return train_workload("book", *TRAIN_BATCHES["book"])
     if name == "full-train":
-        return train_workload("full", 1, 0.25)
+        return train_workload("full", *TRAIN_BATCHES["full"])
     if name == "forward-30s":
         return forward_workload(30.0)
     if name == "song-5min":
